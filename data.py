@@ -1,0 +1,373 @@
+"""
+data.py — everything between raw data and the model's tensors: the tokenizer, the
+chat template, image loading and preprocessing, and the batch collator.
+
+Tokenizer: a byte-level BPE trained here from the training text (Sennrich et al.,
+"Neural Machine Translation of Rare Words with Subword Units", 2016, arXiv:1508.07909),
+on raw UTF-8 bytes with the GPT-2 pre-tokenisation regex (Radford et al., "Language
+Models are Unsupervised Multitask Learners", 2019), so any string encodes with no
+unknown token. `tiktoken` does the encoding; we only supply its ranks.
+Chat template: ChatML-style turns with LLaVA's `<image>` marker (Liu et al., "Visual
+Instruction Tuning", 2023, arXiv:2304.08485); only the assistant's answers carry labels.
+
+Shape legend: B batch, T tokens, n images in a batch, S image side in pixels.
+Run the tests: python -m pytest -q tests/test_data.py
+"""
+import collections
+import heapq
+import warnings
+from pathlib import Path
+
+import numpy as np
+import regex
+import tiktoken
+import torch
+from PIL import Image
+
+# GPT-2's split pattern, exactly tiktoken's `gpt2` pat_str: contractions, runs of letters,
+# runs of digits, runs of other symbols (each with one optional leading space), whitespace.
+# BPE never merges across these chunks, so " the" and "the." never share a token.
+GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>", "<|image|>",
+                  "<global_image>"] + [f"<row_{i}_col_{j}>" for i in range(1, 5) for j in range(1, 5)]
+IMAGE_MARKER = "<image>"   # what people write in a prompt (LLaVA's convention)
+IGNORE_INDEX = -100        # label of positions without loss (F.cross_entropy's default)
+MEAN = (0.5, 0.5, 0.5)     # per-channel normalisation: [0, 1] -> [-1, 1]
+STD = (0.5, 0.5, 0.5)
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def _merge(symbols, pair):
+    """Replace every non-overlapping occurrence of `pair`, left to right, by its concatenation."""
+    out, k = [], 0
+    while k < len(symbols):
+        if k + 1 < len(symbols) and (symbols[k], symbols[k + 1]) == pair:
+            out.append(symbols[k] + symbols[k + 1])
+            k += 2
+        else:
+            out.append(symbols[k])
+            k += 1
+    return out
+
+
+def train_bpe(texts, vocab_size):
+    """Learn byte-level BPE ranks: {token bytes: rank}, the 256 single bytes first.
+
+    Each merge joins the most frequent adjacent pair of tokens (ties: the lexicographically
+    smallest pair) and gets the next rank. Stops at vocab_size - len(SPECIAL_TOKENS) ranks or
+    when no pair occurs twice. Works on unique chunks, updating pair counts incrementally
+    (tests/test_data.py checks it against a naive version that recounts everything per merge).
+    """
+    n_ranks = vocab_size - len(SPECIAL_TOKENS)
+    if n_ranks < 256:
+        raise ValueError(f"vocab_size must be >= {256 + len(SPECIAL_TOKENS)} "
+                         f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens), got {vocab_size}")
+    # A sentence set repeats the same words thousands of times: count each chunk once.
+    pattern = regex.compile(GPT2_SPLIT_PATTERN)
+    chunk_counts = collections.Counter(c for text in texts for c in pattern.findall(text))
+    words = [[bytes([b]) for b in chunk.encode("utf-8")] for chunk in chunk_counts]
+    freqs = list(chunk_counts.values())
+    ranks = {bytes([b]): b for b in range(256)}
+    # pair -> total frequency, and pair -> which words contain it (so a merge touches only those).
+    pair_counts, where = collections.Counter(), collections.defaultdict(set)
+    for i, word in enumerate(words):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] += freqs[i]
+            where[pair].add(i)
+    # A max-heap of (-count, pair) finds the best pair without scanning every pair each merge;
+    # ties pop the smallest pair. Counts change as words merge, so an entry whose count is no
+    # longer the pair's current count is stale and skipped (the change pushed a fresh entry).
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+    while len(ranks) < n_ranks and heap:
+        neg_count, best = heapq.heappop(heap)
+        if pair_counts.get(best) != -neg_count:
+            continue
+        if -neg_count < 2:
+            break
+        changed = set()
+        for i in list(where[best]):
+            old, new = words[i], _merge(words[i], best)
+            for pair in zip(old, old[1:]):
+                pair_counts[pair] -= freqs[i]
+                where[pair].discard(i)
+            for pair in zip(new, new[1:]):
+                pair_counts[pair] += freqs[i]
+                where[pair].add(i)
+            changed.update(zip(old, old[1:]), zip(new, new[1:]))
+            words[i] = new
+        for pair in changed:
+            if pair_counts[pair] > 0:
+                heapq.heappush(heap, (-pair_counts[pair], pair))
+            else:
+                del pair_counts[pair], where[pair]
+        # Two merge paths can spell the same bytes ("a"+"bc", "ab"+"c"): one rank per token.
+        ranks.setdefault(best[0] + best[1], len(ranks))
+    return ranks
+
+
+class Tokenizer:
+    """BPE ranks served by tiktoken, with SPECIAL_TOKENS given the ids right after the ranks."""
+
+    def __init__(self, ranks):
+        if sorted(ranks.values()) != list(range(len(ranks))):
+            raise ValueError("tokenizer ranks must be exactly 0 .. len(ranks) - 1")
+        if any(bytes([b]) not in ranks for b in range(256)):
+            raise ValueError("tokenizer ranks must contain all 256 single bytes (the byte fallback)")
+        self.ranks = ranks
+        self.special_ids = {s: len(ranks) + k for k, s in enumerate(SPECIAL_TOKENS)}
+        self.enc = tiktoken.Encoding(name="tinyvlm", pat_str=GPT2_SPLIT_PATTERN,
+                                     mergeable_ranks=ranks, special_tokens=self.special_ids)
+        self.vocab_size = len(ranks) + len(SPECIAL_TOKENS)
+        self.eot_id = self.special_ids["<|endoftext|>"]
+        self.pad_id = self.special_ids["<|pad|>"]
+        self.im_start_id = self.special_ids["<|im_start|>"]
+        self.im_end_id = self.special_ids["<|im_end|>"]
+        self.image_id = self.special_ids["<|image|>"]
+        self.global_image_id = self.special_ids["<global_image>"]
+
+    def row_col_id(self, i, j):
+        """Id of <row_i_col_j>, the tag before tile (i, j) of a tiled image (1-based, up to 4x4)."""
+        return self.special_ids[f"<row_{i}_col_{j}>"]
+
+    def encode(self, text):
+        # encode_ordinary: a user who types "<|im_end|>" gets those characters as plain text,
+        # never the control token — otherwise text could forge turns of the chat template.
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids):
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        return self.enc.decode(ids, errors="replace")   # a cut multi-byte character -> U+FFFD
+
+    def state(self):
+        """The ranks as tensors, which torch.load(weights_only=True) accepts in a checkpoint."""
+        tokens = sorted(self.ranks, key=self.ranks.get)   # token bytes in rank order
+        return {"ranks": {"token_bytes": torch.tensor(list(b"".join(tokens)), dtype=torch.uint8),
+                          "token_lengths": torch.tensor([len(t) for t in tokens], dtype=torch.int64)},
+                "special_tokens": list(SPECIAL_TOKENS)}
+
+    @classmethod
+    def from_state(cls, state):
+        if state.get("special_tokens", SPECIAL_TOKENS) != SPECIAL_TOKENS:
+            raise ValueError("checkpoint tokenizer has different special tokens than this data.py")
+        blob = state["ranks"]["token_bytes"].numpy().tobytes()   # all tokens' bytes, end to end
+        ranks, start = {}, 0
+        for rank, length in enumerate(state["ranks"]["token_lengths"].tolist()):
+            ranks[blob[start:start + length]] = rank
+            start += length
+        return cls(ranks)
+
+    @classmethod
+    def gpt2(cls):
+        """GPT-2's ranks with our specials right after them, so <|endoftext|> keeps GPT-2's own id."""
+        try:
+            enc = tiktoken.get_encoding("gpt2")
+        except Exception as e:
+            raise RuntimeError(f"tokenizer gpt2 needs tiktoken's GPT-2 files from the network "
+                               f"(or a TIKTOKEN_CACHE_DIR copy); loading failed: {type(e).__name__}") from e
+        gpt2_specials = {enc.encode_single_token(s) for s in enc.special_tokens_set}
+        ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i not in gpt2_specials}
+        return cls(ranks)
+
+
+# ----------------------------------------------------------------------------- chat template
+
+
+def image_block(tok, n_tokens):
+    """The ids one image occupies in the sequence: n_tokens <|image|> slots that the model
+    overwrites with the projector's visual tokens."""
+    return [tok.image_id] * n_tokens
+
+
+def _check_roles(messages):
+    if not messages:
+        raise ValueError("a conversation needs at least one message")
+    for k, m in enumerate(messages):
+        expected = ("user", "assistant")[k % 2]
+        if m["role"] != expected:
+            raise ValueError(f"message {k} has role {m['role']!r}; roles must alternate user, assistant, ...")
+
+
+def _user_content(tok, text, block_sizes):
+    """Encode user text, expanding each <image> marker into the next image's block."""
+    pieces = text.split(IMAGE_MARKER)
+    ids = tok.encode(pieces[0])
+    for piece in pieces[1:]:
+        ids += image_block(tok, next(block_sizes)) + tok.encode(piece)
+    return ids
+
+
+def encode_chat(tok, messages, image_tokens, system=None):
+    """Token ids and labels of a conversation in the chat template (see DESIGN.md).
+
+    Pieces are encoded separately and concatenated, so a label boundary is always a token
+    boundary. Labels: the ids of each assistant answer and its <|im_end|> (the model must
+    learn to stop); IGNORE_INDEX everywhere else. image_tokens: one int for every image,
+    or a list with one block size per <image> marker in order of appearance.
+    """
+    _check_roles(messages)
+    n_images = sum(m["content"].count(IMAGE_MARKER) for m in messages if m["role"] == "user")
+    sizes = [image_tokens] * n_images if isinstance(image_tokens, int) else list(image_tokens)
+    if len(sizes) != n_images:
+        raise ValueError(f"{n_images} {IMAGE_MARKER} markers in the conversation "
+                         f"but {len(sizes)} image sizes")
+    block_sizes = iter(sizes)
+    newline = tok.encode("\n")
+    ids, labels = [], []
+    if system is not None:
+        turn = [tok.im_start_id] + tok.encode("system\n") + tok.encode(system) + [tok.im_end_id] + newline
+        ids += turn
+        labels += [IGNORE_INDEX] * len(turn)
+    for m in messages:
+        header = [tok.im_start_id] + tok.encode(m["role"] + "\n")
+        if m["role"] == "user":
+            body = _user_content(tok, m["content"], block_sizes) + [tok.im_end_id]
+            body_labels = [IGNORE_INDEX] * len(body)
+        else:
+            body = tok.encode(m["content"]) + [tok.im_end_id]
+            body_labels = body
+        ids += header + body + newline
+        labels += [IGNORE_INDEX] * len(header) + body_labels + [IGNORE_INDEX] * len(newline)
+    return ids, labels
+
+
+def encode_prompt(tok, messages, image_tokens, system=None):
+    """Ids for generation: the conversation so far (ending with a user turn), then the
+    assistant's header, so the model's next token is the first token of its answer."""
+    if not messages or messages[-1]["role"] != "user":
+        raise ValueError("a generation prompt must end with a user message")
+    ids, _ = encode_chat(tok, messages, image_tokens, system)
+    return ids + [tok.im_start_id] + tok.encode("assistant\n")
+
+
+# ----------------------------------------------------------------------------- images
+
+
+class ImageError(ValueError):
+    """An image file we refuse, with a one-line message naming the file and the reason."""
+
+    def __init__(self, path, reason):
+        self.path, self.reason = str(path), " ".join(str(reason).split())   # one line, always
+        super().__init__(f"{self.path}: {self.reason}")
+
+
+def load_image(path):
+    """Open an image file as RGB, or raise ImageError: missing, empty, not an image,
+    truncated or corrupt, or more pixels than Pillow's decompression-bomb limit."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(path, "no such file")
+    if path.is_dir():
+        raise ImageError(path, "is a directory, not an image file")
+    if path.stat().st_size == 0:
+        raise ImageError(path, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # Image.open raises DecompressionBombError above 2x the limit but only warns between
+            # 1x and 2x; we silence that warning and refuse everything over 1x ourselves below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:   # reads the header only; animations open on frame 0
+                limit = Image.MAX_IMAGE_PIXELS
+                if limit is not None and img.width * img.height > limit:
+                    raise ImageError(path, f"{img.width}x{img.height} pixels is over Pillow's "
+                                           f"decompression-bomb limit of {limit} pixels")
+                img.load()   # force the full decode now, so a truncated file fails here
+                return to_rgb(img)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageError(path, f"over Pillow's decompression-bomb limit ({e})") from e
+    except Image.UnidentifiedImageError as e:
+        raise ImageError(path, "not an image file Pillow can read") from e
+    except Exception as e:   # Pillow's decoders raise OSError, SyntaxError, ValueError, EOFError, ...
+        raise ImageError(path, f"corrupt or truncated image ({type(e).__name__}: {e})") from e
+
+
+def _stretch_to_l(values, lo, hi):
+    """Map an array linearly from [lo, hi] onto 0..255 as an 8-bit greyscale image."""
+    if hi <= lo:   # a constant image has no range to stretch: neutral grey (0 after MEAN/STD)
+        return Image.new("L", values.shape[::-1], 128)
+    scaled = (values.astype(np.float64) - lo) * (255.0 / (hi - lo))
+    return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8), "L")
+
+
+def to_rgb(img):
+    """Any Pillow mode -> RGB. Alpha is composited over white; wide modes are scaled, not clipped."""
+    if img.mode.startswith("I;16"):
+        # 16-bit greyscale (I;16, I;16L, I;16B, I;16N): 65535 is white. Pillow's own
+        # convert("L") clips at 255, which turns almost every 16-bit image white.
+        img = _stretch_to_l(np.asarray(img), 0, 65535)
+    elif img.mode in ("I", "F"):
+        # 32-bit int / float have no fixed white point: stretch the image's own range.
+        a = np.asarray(img).astype(np.float64)
+        finite = a[np.isfinite(a)]
+        lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+        img = _stretch_to_l(np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo), lo, hi)
+    if img.has_transparency_data:   # RGBA, LA, PA, La, RGBa, or a palette/tRNS transparency
+        if img.mode == "La":          # premultiplied L; Pillow goes La -> LA -> RGBA only
+            img = img.convert("LA")
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img.convert("RGBA"))
+    return img.convert("RGB")
+
+
+def preprocess(img, size):
+    """PIL image -> (3, size, size) float tensor, normalised with MEAN and STD."""
+    img = to_rgb(img)
+    # Squash to a square, never crop: grounding boxes are integer percent of width and height,
+    # and a squash keeps every percent coordinate where it was (a crop would cut boxes off).
+    # reducing_gap: first shrink by an integer factor (fast box filter) when the image is far
+    # larger than the target, then resample; a 4000-pixel photo costs little more than a small one.
+    img = img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)          # (S, S, 3) in [0, 1]
+    x = x.permute(2, 0, 1)                                                   # (3, S, S)
+    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    return ((x - mean) / std).contiguous()                                  # (3, S, S)
+
+
+def to_pil(x):
+    """Inverse of preprocess (after the resize): a (3, H, W) normalised tensor -> RGB image."""
+    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    x = (x.detach().float().cpu() * std + mean).clamp(0, 1)                  # (3, H, W) in [0, 1]
+    pixels = (x * 255).round().to(torch.uint8).permute(1, 2, 0)             # (H, W, 3)
+    return Image.fromarray(pixels.numpy(), "RGB")
+
+
+# ----------------------------------------------------------------------------- collator
+
+
+def collate(samples, pad_id, side="right"):
+    """Pad a list of samples into a batch.
+
+    samples: [{"input_ids": list[int], "labels": list[int] (optional), "images": (n_i, 3, S, S) or None}]
+    Right padding for training (real tokens keep positions 0..len-1); left padding for
+    generation, so every row's last real token sits at the end and new tokens append after it.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    if not samples:
+        raise ValueError("cannot collate an empty list of samples")
+    with_labels = ["labels" in s for s in samples]
+    if any(with_labels) and not all(with_labels):
+        raise ValueError("either every sample has labels or none has")
+    B, T = len(samples), max(len(s["input_ids"]) for s in samples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)                 # (B, T)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)                   # (B, T) 1 = real token
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)              # (B, T)
+    for b, s in enumerate(samples):
+        n = len(s["input_ids"])
+        cols = slice(T - n, T) if side == "left" else slice(0, n)
+        input_ids[b, cols] = torch.tensor(s["input_ids"], dtype=torch.long)
+        attention_mask[b, cols] = 1
+        if all(with_labels):
+            if len(s["labels"]) != n:
+                raise ValueError(f"sample {b}: {len(s['labels'])} labels for {n} input ids")
+            labels[b, cols] = torch.tensor(s["labels"], dtype=torch.long)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if all(with_labels):
+        batch["labels"] = labels
+    # Images in batch order: the k-th <|image|> block of the batch is the k-th image here.
+    images = [s["images"] for s in samples if s.get("images") is not None]
+    batch["images"] = torch.cat(images) if images else None                 # (n, 3, S, S)
+    return batch

@@ -1,0 +1,245 @@
+"""
+evaluate.py — how tinyvlm is scored: VQA accuracy, POPE hallucination, grounding,
+caption accuracy, CLIP zero-shot classification, retrieval and a linear probe.
+
+    metrics = evaluate_vlm("instruct", model, tok, cfg, device)   # called by train.py
+
+Every figure is measured on the shapes world's *test* split with greedy decoding.
+- VQA: exact match after one normalisation (lowercase, punctuation stripped, articles
+  dropped, whitespace collapsed), overall and per question type (grounding excluded:
+  it is scored by IoU).
+- POPE ("Evaluating Object Hallucination in Large Vision-Language Models", Li et al. 2023,
+  arXiv:2305.10355): balanced yes/no probes "Is there a <colour> <shape> in the image?" whose
+  negatives are random, popular or adversarial; accuracy, precision, recall, F1, yes-ratio.
+- Grounding: share of predicted boxes with IoU >= 0.5 against the true box.
+- Caption accuracy: a caption is right when it names every object with its right size,
+  colour and shape, and nothing else.
+- CLIP (Radford et al. 2021, arXiv:2103.00020): zero-shot accuracy over every colour x shape
+  class from prompt templates, image->text retrieval R@1/R@5, and a linear probe.
+"""
+
+import random
+import re
+import string
+from collections import Counter
+
+import torch
+
+import clip as clip_lib
+import data
+import shapes
+
+CAPTION_PROMPTS = ("Describe the image briefly.", "What is in the image?", "Write a short caption.")
+ZERO_SHOT_TEMPLATES = ("a {}", "a picture of a {}", "there is a {}", "the image shows a {}")
+ARTICLES = {"a", "an", "the"}
+
+
+# -----------------------------------------------------------------------------
+# scoring functions (pure; tested on hand-made cases)
+
+def normalize_answer(text):
+    """The one normalisation used everywhere answers are compared."""
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    return " ".join(w for w in text.split() if w not in ARTICLES)
+
+
+def iou(a, b):
+    """Intersection over union of two boxes (x0, y0, x1, y1)."""
+    w = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def pope_metrics(predictions, answers):
+    """POPE's figures from yes/no predictions; 'yes' is the positive class. A prediction
+    that is neither yes nor no counts as a wrong 'no'."""
+    pred_yes = [normalize_answer(p).split()[:1] == ["yes"] for p in predictions]
+    gold_yes = [normalize_answer(a) == "yes" for a in answers]
+    tp = sum(p and g for p, g in zip(pred_yes, gold_yes))
+    fp = sum(p and not g for p, g in zip(pred_yes, gold_yes))
+    fn = sum(not p and g for p, g in zip(pred_yes, gold_yes))
+    correct = sum(normalize_answer(p) == normalize_answer(a) for p, a in zip(predictions, answers))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"acc": correct / len(answers), "precision": precision, "recall": recall, "f1": f1,
+            "yes_ratio": sum(pred_yes) / len(answers)}
+
+
+def caption_objects(text):
+    """The multiset of (size, colour, shape) a caption names. A missing size or colour
+    is recorded as None, so a caption that leaves an attribute out is not right."""
+    words = normalize_answer(text).split()
+    found = []
+    for i, w in enumerate(words):
+        shape = next((s for s in shapes.SHAPES if w in (s, s + "s")), None)
+        if shape is None:
+            continue
+        colour = words[i - 1] if i >= 1 and words[i - 1] in shapes.COLOURS else None
+        j = i - 2 if colour else i - 1
+        size = words[j] if j >= 0 and words[j] in shapes.SIZES else None
+        found.append((size, colour, shape))
+    return Counter(found)
+
+
+def caption_correct(text, scene):
+    return caption_objects(text) == Counter((o.size, o.colour, o.shape) for o in scene.objects)
+
+
+# -----------------------------------------------------------------------------
+# batched answering with the VLM
+
+@torch.no_grad()
+def answer_batch(model, tok, images, questions, image_size, device, max_new_tokens=24):
+    """Answer one question per image, greedily, in one left-padded batch."""
+    samples = []
+    for image, question in zip(images, questions):
+        messages = [{"role": "user", "content": f"{data.IMAGE_MARKER}\n{question}"}]
+        ids = data.encode_prompt(tok, messages, model.num_image_tokens)
+        samples.append({"input_ids": ids, "images": data.preprocess(image, image_size)[None]})
+    batch = data.collate(samples, tok.pad_id, side="left")
+    out = model.generate(batch["input_ids"].to(device), batch["images"].to(device),
+                         batch["attention_mask"].to(device), max_new_tokens=max_new_tokens,
+                         stop_id=tok.im_end_id)
+    return [tok.decode(ids).strip() for ids in out]
+
+
+def answer_all(model, tok, items, cfg, device, max_new_tokens=24):
+    """items: list of (scene, question); answers in the same order, in batches."""
+    answers = []
+    for start in range(0, len(items), cfg.eval_batch_size):
+        chunk = items[start:start + cfg.eval_batch_size]
+        answers += answer_batch(model, tok, [shapes.render(s) for s, _ in chunk], [q for _, q in chunk],
+                                cfg.image_size, device, max_new_tokens)
+    return answers
+
+
+def test_scene(cfg, index, n_objects=None):
+    world = shapes.WorldConfig(image_size=cfg.image_size, max_objects=cfg.max_objects, seed=cfg.seed)
+    return shapes.make_scene("test", index, world, n_objects=n_objects)
+
+
+def evaluate_vqa(model, tok, cfg, device):
+    """VQA accuracy per type on eval_questions test questions (types in rotation), and
+    grounding accuracy on eval_grounding box questions."""
+    items, types, answers = [], [], []
+    index = 0
+    vqa_types = [t for t in shapes.QUESTION_TYPES if t != "grounding"]
+    while len(items) < cfg.eval_questions + cfg.eval_grounding:
+        scene, rng = test_scene(cfg, index), random.Random(f"vqa/{index}")
+        index += 1
+        by_type = {t: (q, a) for t, q, a in shapes.questions(scene, rng)}
+        n_vqa = sum(t != "grounding" for t in types)
+        wanted = "grounding" if n_vqa >= cfg.eval_questions else vqa_types[n_vqa % len(vqa_types)]
+        if wanted in by_type and (wanted != "grounding" or n_vqa >= cfg.eval_questions):
+            items.append((scene, by_type[wanted][0]))
+            types.append(wanted)
+            answers.append(by_type[wanted][1])
+    predictions = answer_all(model, tok, items, cfg, device)
+    metrics, right = {}, Counter()
+    for t, p, a, (scene, _) in zip(types, predictions, answers, items):
+        if t == "grounding":
+            box = shapes.text_to_box(p, cfg.image_size)
+            right[t] += box is not None and iou(box, shapes.text_to_box(a, cfg.image_size)) >= 0.5
+        else:
+            right[t] += normalize_answer(p) == normalize_answer(a)
+    counts = Counter(types)
+    for t in counts:
+        key = "grounding_acc" if t == "grounding" else f"vqa_acc_{t}"
+        metrics[key] = right[t] / counts[t]
+    n_vqa = sum(counts[t] for t in vqa_types)
+    metrics["vqa_acc"] = sum(right[t] for t in vqa_types) / n_vqa
+    return metrics
+
+
+def evaluate_pope(model, tok, cfg, device):
+    metrics = {}
+    for kind in shapes.POPE_KINDS:
+        items, answers = [], []
+        for i in range(cfg.eval_pope):
+            scene, rng = test_scene(cfg, 100_000 + i), random.Random(f"pope/{kind}/{i}")
+            question, answer = shapes.pope_question(scene, kind, rng, answer_yes=i % 2 == 0)
+            items.append((scene, question))
+            answers.append(answer)
+        scores = pope_metrics(answer_all(model, tok, items, cfg, device, max_new_tokens=4), answers)
+        metrics.update({f"pope_{kind}_{k}": v for k, v in scores.items()})
+    return metrics
+
+
+def evaluate_captions(model, tok, cfg, device):
+    items = [(test_scene(cfg, 200_000 + i), CAPTION_PROMPTS[0]) for i in range(cfg.eval_captions)]
+    predictions = answer_all(model, tok, items, cfg, device, max_new_tokens=48)
+    return {"caption_acc": sum(caption_correct(p, s) for p, (s, _) in zip(predictions, items)) / len(items)}
+
+
+def evaluate_vlm(stage, model, tok, cfg, device):
+    model.eval()
+    if stage == "align":
+        return evaluate_captions(model, tok, cfg, device)
+    return {**evaluate_vqa(model, tok, cfg, device), **evaluate_pope(model, tok, cfg, device)}
+
+
+# -----------------------------------------------------------------------------
+# CLIP
+
+@torch.no_grad()
+def embed_scenes(model, scenes, cfg, device):
+    images = torch.stack([data.preprocess(shapes.render(s), cfg.image_size) for s in scenes]).to(device)
+    return torch.cat([model.encode_image(chunk) for chunk in images.split(256)])
+
+
+@torch.no_grad()
+def evaluate_clip(model, tok, cfg, device):
+    """Zero-shot over all colour x shape classes on single-object test scenes, retrieval
+    among multi-object captions, and a linear probe on frozen image features."""
+    model.eval()
+    classes = [(c, s) for c in shapes.COLOURS for s in shapes.SHAPES]
+    class_emb = clip_lib.zero_shot_classifier(model, tok, [f"{c} {s}" for c, s in classes],
+                                              ZERO_SHOT_TEMPLATES)                  # (C, E)
+    scenes = [test_scene(cfg, i, n_objects=1) for i in range(cfg.eval_clip_scenes)]
+    image_emb = embed_scenes(model, scenes, cfg, device)                            # (S, E)
+    predicted = [classes[k] for k in clip_lib.zero_shot_predict(image_emb, class_emb).tolist()]
+    truth = [(s.objects[0].colour, s.objects[0].shape) for s in scenes]
+    metrics = {
+        "clip_zero_shot_acc": sum(p == t for p, t in zip(predicted, truth)) / len(truth),
+        "clip_zero_shot_colour_acc": sum(p[0] == t[0] for p, t in zip(predicted, truth)) / len(truth),
+        "clip_zero_shot_shape_acc": sum(p[1] == t[1] for p, t in zip(predicted, truth)) / len(truth),
+    }
+    multi = [test_scene(cfg, 300_000 + i, n_objects=random.Random(i).randint(2, cfg.max_objects))
+             for i in range(cfg.eval_retrieval)]
+    captions = [shapes.caption(s, random.Random(i)) for i, s in enumerate(multi)]
+    recall = clip_lib.retrieval_recall(embed_scenes(model, multi, cfg, device),
+                                       model.encode_text(clip_lib.tokenize(tok, captions, cfg.context_length).to(device)))
+    metrics.update({f"clip_retrieval_r{k}": recall[f"image_to_text_r{k}"] for k in (1, 5)})
+    metrics["clip_text_to_image_r1"] = recall["text_to_image_r1"]
+    metrics["clip_linear_probe_acc"] = linear_probe(model, classes, cfg, device)
+    metrics["clip_temperature"] = 1 / model.scale().item()
+    return metrics
+
+
+def linear_probe(model, classes, cfg, device):
+    """Logistic regression on frozen image features (the CLIP paper's linear-probe protocol):
+    fit on single-object train scenes, score on the same test scenes as zero-shot."""
+    world = shapes.WorldConfig(image_size=cfg.image_size, max_objects=cfg.max_objects, seed=cfg.seed)
+    train_scenes = [shapes.make_scene("train", 500_000 + i, world, n_objects=1) for i in range(2000)]
+    test_scenes = [test_scene(cfg, i, n_objects=1) for i in range(cfg.eval_clip_scenes)]
+    label = {c: k for k, c in enumerate(classes)}
+    y = lambda scenes: torch.tensor([label[(s.objects[0].colour, s.objects[0].shape)] for s in scenes])
+    return clip_lib.linear_probe(embed_scenes(model, train_scenes, cfg, device).cpu(), y(train_scenes),
+                                 embed_scenes(model, test_scenes, cfg, device).cpu(), y(test_scenes))
+
+
+# -----------------------------------------------------------------------------
+# the table printed at the end of train.py
+
+def print_table(metrics):
+    print("\n" + "-" * 44)
+    for key in sorted(metrics):
+        value = metrics[key]
+        shown = f"{value:8.1f} s" if key.endswith("_seconds") else (
+            f"{100 * value:8.1f} %" if key.endswith(("_acc", "_f1", "_ratio", "_precision", "_recall")) or "_r1" in key or "_r5" in key
+            else f"{value:10.4f}")
+        print(f"{key:32s} {shown}")
+    print("-" * 44)

@@ -1,0 +1,412 @@
+"""
+The tiny decoder language model (Llama-style) and the VLM that wraps it.
+
+LanguageModel follows LLaMA ("LLaMA: Open and Efficient Foundation Language
+Models", Touvron et al. 2023, arXiv:2302.13971): pre-normalisation with RMSNorm
+("Root Mean Square Layer Normalization", Zhang & Sennrich 2019,
+arXiv:1910.07467), rotary position embeddings (RoFormer, "Enhanced Transformer
+with Rotary Position Embedding", Su et al. 2021, arXiv:2104.09864), the SwiGLU
+feed-forward ("GLU Variants Improve Transformer", Shazeer 2020,
+arXiv:2002.05202), and optionally grouped-query attention ("GQA", Ainslie et
+al. 2023, arXiv:2305.13245). The output head shares its weights with the token
+embedding, and a KV cache makes generation cost one token per step.
+
+VLM is LLaVA ("Visual Instruction Tuning", Liu et al. 2023, arXiv:2304.08485;
+LLaVA-1.5, arXiv:2310.03744): a ViT encodes the image, the projector
+(projector.py) maps its patch features to LLM-width visual tokens, and those
+are written over the <|image|> placeholder tokens of the prompt.
+
+Shape legend:
+    B   batch (sequences)        T   tokens in this forward call
+    S   keys attended (cache + T)  D   LLM width (dim)
+    H   query heads              Hkv key/value heads (GQA: Hkv divides H)
+    hd  head_dim = D / H         F   SwiGLU hidden width (ffn_hidden)
+    V   vocabulary size          M   images in the batch
+    N'  visual tokens per image
+
+    cfg = VLMConfig(llm=LLMConfig(vocab_size=tok.vocab_size), image_token_id=tok.image_id)
+    model = VLM(cfg)
+    logits, loss = model(input_ids, images, attention_mask, labels)
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from projector import make_projector
+from vit import ViT, ViTConfig, attention
+
+
+@dataclass
+class LLMConfig:
+    vocab_size: int = 512
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4  # < n_heads: grouped-query attention; 1: multi-query attention
+    ffn_hidden: int = 683  # LLaMA's 2/3·4·dim, so SwiGLU's three matrices cost what a 4·dim MLP's two do
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    explicit_attention: bool = False  # True: the readable softmax(QKᵀ/√d)V path instead of SDPA
+
+    def __post_init__(self):
+        if self.dim % self.n_heads != 0:
+            raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
+        # derived, not a field: it follows any override of dim or n_heads
+        self.head_dim = self.dim // self.n_heads
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even: RoPE rotates pairs of channels")
+
+
+@dataclass
+class VLMConfig:
+    vision: ViTConfig = field(default_factory=ViTConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    projector: str = "mlp"  # see projector.PROJECTORS
+    shuffle_factor: int = 2  # only for projector="pixel_shuffle"
+    vision_layer: int = -1  # which ViT block's patch features feed the projector (-1: the last)
+    image_token_id: int = -1  # the tokenizer's <|image|> id; must be set
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VLMConfig":
+        """Inverse of dataclasses.asdict, for configs stored in checkpoints."""
+        d = dict(d, vision=ViTConfig(**d["vision"]), llm=LLMConfig(**d["llm"]))
+        return cls(**d)
+
+
+# -----------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) · g: LayerNorm without the mean subtraction and bias (cheaper, works as well)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()  # the mean of squares in float32: bf16 would lose the small values
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., D)
+        return normed.type_as(x) * self.weight  # (..., D)
+
+
+def rope_cache(head_dim: int, max_seq_len: int, theta: float = 10000.0):
+    """cos and sin of the rotation angles m·θ_i for every position m and pair i (RoFormer section 3.2)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)  # (hd/2,)
+    angles = torch.outer(torch.arange(max_seq_len).float(), inv_freq)  # (max_seq_len, hd/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each channel pair (x[2i], x[2i+1]) of x (B, H, T, hd) by its angle; cos, sin (B, T, hd/2).
+
+    Seen as complex numbers z_i = x[2i] + i·x[2i+1], this is z_i · e^{i m θ_i}, so
+    <rope(q, m), rope(k, n)> depends only on m - n: attention sees relative position.
+    """
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd/2): same angles for every head
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, T, hd/2) each: real, imaginary parts
+    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, H, T, hd/2, 2)
+    return rotated.flatten(-2).type_as(x)  # (B, H, T, hd)
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for max_len tokens, filled left to right.
+
+    Generation feeds one token per step; without the cache each step would recompute the
+    keys and values of the whole prefix. key_mask remembers which cached positions are real
+    tokens, so left padding in the prompt stays invisible to every later token.
+    Stored with Hkv heads (before GQA's repeat): that memory saving is GQA's point.
+    """
+
+    def __init__(self, cfg: LLMConfig, batch_size: int, max_len: int, device=None):
+        self.shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.max_len = max_len
+        # k, v are allocated at the first write, in the dtype the layer produces (bf16 under autocast)
+        self.k = [None] * cfg.n_layers
+        self.v = [None] * cfg.n_layers
+        self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, max_len)
+        self.length = 0  # tokens cached so far; LanguageModel.forward advances it after all layers
+
+    def update(self, layer: int, k, v):
+        """Write k, v (B, Hkv, T, hd) at [length, length+T); return all keys/values (B, Hkv, S, hd)."""
+        if self.k[layer] is None:
+            self.k[layer] = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
+            self.v[layer] = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
+        end = self.length + k.size(2)
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        # one matmul for q, k and v; with GQA k and v have fewer heads than q
+        self.qkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
+        self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask=None, kv_cache=None, layer=0):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        qkv = self.qkv(x)  # (B, T, (H + 2·Hkv)·hd)
+        q, k, v = qkv.split([cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim], dim=-1)
+        q = q.view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, hd), (B, Hkv, T, hd)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)  # (B, Hkv, S, hd)
+        # GQA: query head h reads key/value head h // (H / Hkv)
+        group = cfg.n_heads // cfg.n_kv_heads
+        k = k.repeat_interleave(group, dim=1)  # (B, H, S, hd)
+        v = v.repeat_interleave(group, dim=1)  # (B, H, S, hd)
+        # vit.attention: SDPA, or the explicit softmax(QKᵀ/√hd)V it is tested against. Either
+        # plain causal (no mask), or one mask that already holds causality (padding or cache)
+        y = attention(q, k, v, causal=mask is None, mask=mask, explicit=cfg.explicit_attention)  # (B, H, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim)  # (B, T, H·hd)
+        return self.proj(y)  # (B, T, D)
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) ⊙ w3 x): a gated MLP; w1 is the gate, w3 the up projection, w2 the down."""
+
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
+
+    def forward(self, x):
+        gate = F.silu(self.w1(x))  # (B, T, F)
+        up = self.w3(x)  # (B, T, F)
+        return self.w2(gate * up)  # (B, T, D)
+
+
+class Block(nn.Module):
+    """Pre-norm block: normalise the input of each sublayer, keep the residual stream untouched."""
+
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x, cos, sin, mask=None, kv_cache=None, layer=0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, kv_cache, layer)  # (B, T, D)
+        x = x + self.mlp(self.mlp_norm(x))  # (B, T, D)
+        return x
+
+
+def build_mask(key_mask, T: int):
+    """One boolean mask (B, 1, T, S) for the last T of S slots: causal AND key is a real token.
+
+    key_mask (B, S): True where the slot holds a real token (False: padding). A query that
+    is itself padding (left padding) may see no key at all, and a softmax over nothing is
+    NaN; letting every query see its own slot keeps the output finite (it is ignored anyway).
+    """
+    S = key_mask.size(1)
+    q_slot = torch.arange(S - T, S, device=key_mask.device)[:, None]  # (T, 1)
+    k_slot = torch.arange(S, device=key_mask.device)[None, :]  # (1, S)
+    mask = (k_slot <= q_slot) & key_mask[:, None, :]  # (B, T, S)
+    mask = mask | (k_slot == q_slot)  # (B, T, S)
+    return mask[:, None]  # (B, 1, T, S): the same for every head
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # weight tying (Press & Wolf 2017, arXiv:1608.05859): reading and writing a token share
+        # one vector, which saves V·D parameters, a large share of a small model
+        self.head.weight = self.tok_emb.weight
+        cos, sin = rope_cache(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        # not persistent: recomputed from the config, so checkpoints stay small
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, hd/2)
+        self.register_buffer("rope_sin", sin, persistent=False)  # (max_seq_len, hd/2)
+        self.apply(self._init_weights)
+        # GPT-2 (Radford et al. 2019, section 2.3): every block adds two outputs to the residual
+        # stream, so its variance grows with depth; scaling the last projection of each sublayer
+        # by 1/sqrt(2·n_layers) keeps the stream's scale at init independent of depth
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, kv_cache=None):
+        """Logits (B, T, V) for input_ids (B, T) or inputs_embeds (B, T, D).
+
+        attention_mask (B, T): 1 for real tokens, 0 for padding, for the T tokens of this call
+        (the cache remembers earlier ones). position_ids (B, T) default to the count of real
+        tokens before each one, so a left-padded row starts at position 0 like an unpadded one.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
+        B, T, _ = x.shape
+        past = 0 if kv_cache is None else kv_cache.length
+        if past + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {past + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
+        key_mask = None if attention_mask is None else attention_mask.bool()  # (B, T)
+        if kv_cache is not None:
+            if past + T > kv_cache.max_len:
+                raise ValueError(f"KV cache holds {kv_cache.max_len} tokens, {past + T} needed")
+            kv_cache.key_mask[:, past : past + T] = True if key_mask is None else key_mask
+            key_mask = kv_cache.key_mask[:, : past + T]  # (B, S)
+        if position_ids is None:
+            if key_mask is None:
+                position_ids = torch.arange(T, device=x.device).expand(B, T)  # (B, T)
+            else:
+                position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T)
+        # no padding and no cache: plain causal attention (mask None -> SDPA's is_causal)
+        mask = None if key_mask is None else build_mask(key_mask, T)  # (B, 1, T, S)
+        cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]  # (B, T, hd/2) each
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, mask, kv_cache, i)  # (B, T, D)
+        if kv_cache is not None:
+            kv_cache.length += T
+        x = self.norm(x)  # (B, T, D)
+        return self.head(x)  # (B, T, V)
+
+
+# -----------------------------------------------------------------------------
+
+
+class VLM(nn.Module):
+    def __init__(self, cfg: VLMConfig, vision: ViT | None = None):
+        super().__init__()
+        if not 0 <= cfg.image_token_id < cfg.llm.vocab_size:
+            raise ValueError(f"VLMConfig.image_token_id={cfg.image_token_id}: set it to the tokenizer's <|image|> id")
+        self.cfg = cfg
+        self.vision = ViT(cfg.vision) if vision is None else vision
+        if self.vision.num_patches != cfg.vision.num_patches:
+            raise ValueError(f"the vision encoder has {self.vision.num_patches} patches, cfg.vision {cfg.vision.num_patches}")
+        self.projector = make_projector(cfg.projector, cfg.vision.width, cfg.llm.dim, cfg.vision.grid_size,
+                                        cfg.shuffle_factor)
+        self.llm = LanguageModel(cfg.llm)
+        self.num_image_tokens = self.projector.num_tokens()  # N': <|image|> slots per image
+
+    def encode_images(self, images):
+        """Visual tokens (M, N', D) for images (M, 3, H, W)."""
+        # patch tokens only: LLaVA feeds the grid features, the CLS summary adds nothing spatial
+        patches = self.vision(images, layer=self.cfg.vision_layer, keep_cls=False)  # (M, N, Dv)
+        return self.projector(patches)  # (M, N', D)
+
+    def embed(self, input_ids, images=None):
+        """Token embeddings (B, T, D) with image m's visual tokens written over the m-th block
+        of N' <|image|> slots, counting slots row by row through the batch."""
+        embeds = self.llm.tok_emb(input_ids)  # (B, T, D)
+        slots = input_ids == self.cfg.image_token_id  # (B, T)
+        n_slots = int(slots.sum())
+        n_images = 0 if images is None else images.size(0)
+        if n_slots != n_images * self.num_image_tokens:
+            raise ValueError(
+                f"{n_slots} <|image|> tokens in input_ids but {n_images} images x {self.num_image_tokens} "
+                f"visual tokens = {n_images * self.num_image_tokens}")
+        if n_images == 0:
+            return embeds
+        visual = self.encode_images(images)  # (M, N', D)
+        # boolean-mask assignment fills the True slots in row-major order, one visual row each
+        embeds[slots] = visual.reshape(-1, visual.size(-1)).to(embeds.dtype)  # (B, T, D)
+        return embeds
+
+    def forward(self, input_ids, images=None, attention_mask=None, labels=None):
+        """(logits (B, T, V), loss or None); labels (B, T) are aligned with input_ids, -100 = ignored."""
+        embeds = self.embed(input_ids, images)  # (B, T, D)
+        logits = self.llm(inputs_embeds=embeds, attention_mask=attention_mask)  # (B, T, V)
+        loss = None
+        if labels is not None:
+            # position t predicts token t+1: drop the last logit and the first label
+            pred = logits[:, :-1].reshape(-1, logits.size(-1)).float()  # (B·(T-1), V)
+            target = labels[:, 1:].reshape(-1)  # (B·(T-1),)
+            loss = F.cross_entropy(pred, target, ignore_index=-100)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, input_ids, images=None, attention_mask=None, max_new_tokens=32, temperature=0.0,
+                 top_k=None, top_p=None, stop_id=None, use_cache=True, generator=None):
+        """New token ids for each row of a left-padded prompt batch, without the stop token.
+
+        A row that has produced stop_id is finished: it keeps being fed its sampled tokens so
+        the batch stays rectangular, but nothing more is recorded for it. use_cache=False
+        recomputes the whole sequence every step (the reference the cache is tested against).
+        """
+        B, T = input_ids.shape
+        if T + max_new_tokens - 1 > self.cfg.llm.max_seq_len:
+            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len "
+                             f"({self.cfg.llm.max_seq_len}) by more than one")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        mask = attention_mask.bool()  # (B, T)
+        embeds = self.embed(input_ids, images)  # (B, T, D)
+        cache = KVCache(self.cfg.llm, B, T + max_new_tokens, input_ids.device) if use_cache else None
+        logits = self.llm(inputs_embeds=embeds, attention_mask=mask, kv_cache=cache)[:, -1]  # (B, V)
+        out = [[] for _ in range(B)]
+        done = [False] * B
+        for step in range(max_new_tokens):
+            next_id = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+            for b, t in enumerate(next_id.tolist()):
+                if not done[b]:
+                    done[b] = t == stop_id
+                    if not done[b]:
+                        out[b].append(t)
+            if all(done) or step == max_new_tokens - 1:
+                break
+            new = next_id[:, None]  # (B, 1)
+            if use_cache:
+                logits = self.llm(new, attention_mask=torch.ones_like(new), kv_cache=cache)[:, -1]  # (B, V)
+            else:
+                embeds = torch.cat([embeds, self.llm.tok_emb(new)], dim=1)  # (B, T+step+1, D)
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, T+step+1)
+                logits = self.llm(inputs_embeds=embeds, attention_mask=mask)[:, -1]  # (B, V)
+        return out
+
+
+# -----------------------------------------------------------------------------
+
+
+def filter_logits(logits, top_k=None, top_p=None):
+    """Set to -inf every logit outside the top-k and outside the top-p nucleus (Holtzman et al.
+    2019, arXiv:1904.09751: the smallest set of most likely tokens whose probability reaches p).
+    The most likely token is always kept. Ties with the k-th logit are kept too."""
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))  # (B, V)
+    if top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V) each
+        probs = sorted_logits.softmax(dim=-1)  # (B, V)
+        # drop a token when the more likely ones before it already reach top_p
+        before = probs.cumsum(dim=-1) - probs  # (B, V)
+        drop = before >= top_p  # (B, V)
+        drop[:, 0] = False
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))  # (B, V)
+    return logits
+
+
+def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """The next token (B,) from last-position logits (B, V): argmax when temperature is 0."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)  # (B,)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)  # (B, V)
+    probs = logits.softmax(dim=-1)  # (B, V)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters; a tied weight counts once (parameters() yields it once)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

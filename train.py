@@ -1,0 +1,513 @@
+"""
+train.py — the one entry point: CLIP pretraining, a tiny LLM, then LLaVA's two stages.
+
+    python train.py                        # all four stages, CPU default config, writes out/
+    python train.py --stage clip           # one stage, from the checkpoints before it
+    python train.py --config=tiny          # the whole pipeline in about half a minute
+    python train.py --clip_steps=200 --device=cpu   # any config field is a flag
+
+The stages (DESIGN.md; LLaVA = "Visual Instruction Tuning", Liu et al. 2023, arXiv:2304.08485):
+  clip      ViT + text tower learn a joint embedding from image-caption pairs
+            ("Learning Transferable Visual Models From Natural Language Supervision",
+            Radford et al. 2021, arXiv:2103.00020)
+  lm        the decoder LLM learns the world's language from text alone
+  align     LLaVA stage 1: only the projector trains (ViT and LLM frozen), image -> caption
+  instruct  LLaVA stage 2: projector + LLM train on multi-turn visual conversations
+
+Every stage writes out/<stage>.pt (config + weights + tokenizer) and adds its figures to
+out/metrics.json (one flat JSON object; fractions in [0, 1]; timings end in _seconds).
+Flags: --key=value or --key value; a bare --flag sets a boolean; unknown keys are refused.
+"""
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+import data
+import evaluate
+import shapes
+from clip import CLIP, CLIPConfig, tokenize as clip_tokenize
+from model import LLMConfig, VLM, VLMConfig
+from vit import ViTConfig
+
+STAGES = ("clip", "lm", "align", "instruct")
+
+
+@dataclass
+class Config:
+    # run
+    stage: str = "all"            # clip | lm | align | instruct | all
+    out_dir: str = "out"
+    device: str = "auto"          # auto (cuda if present, else cpu) | cpu | cuda
+    dtype: str = "auto"           # auto (bf16 on capable GPUs, fp16 on others, fp32 on CPU) | float32 | bfloat16 | float16
+    seed: int = 0
+    log_every: int = 50
+    # the shapes world
+    image_size: int = 64
+    max_objects: int = 3
+    # tokenizer: a byte-level BPE trained on the world's text
+    vocab_size: int = 512
+    tokenizer_scenes: int = 2000
+    # vision tower (ViT) and CLIP's text tower
+    patch_size: int = 8
+    vit_width: int = 128
+    vit_depth: int = 4
+    vit_heads: int = 4
+    vit_cls: bool = True
+    text_width: int = 128
+    text_depth: int = 2
+    text_heads: int = 4
+    embed_dim: int = 128
+    context_length: int = 32
+    # stage clip
+    clip_steps: int = 1000
+    clip_batch_size: int = 64
+    clip_lr: float = 1e-3
+    clip_drop_prob: float = 0.3           # each caption attribute but the shape noun is dropped with this probability
+    clip_single_object_prob: float = 0.5  # share of single-object scenes: shape must be seen alone too
+    # decoder LLM
+    llm_dim: int = 256
+    llm_layers: int = 4
+    llm_heads: int = 4
+    llm_kv_heads: int = 4
+    llm_ffn_hidden: int = 683
+    max_seq_len: int = 256
+    # stage lm
+    lm_steps: int = 300
+    lm_batch_size: int = 32
+    lm_lr: float = 2e-3
+    # VLM: how vision meets language
+    projector: str = "pixel_shuffle"      # linear | mlp | pixel_shuffle
+    vision_layer: int = -1                # which ViT block's hidden states feed the projector
+    # stage align (LLaVA stage 1)
+    align_steps: int = 200
+    align_batch_size: int = 32
+    align_lr: float = 2e-3
+    # stage instruct (LLaVA stage 2): per-module learning rates
+    instruct_steps: int = 800
+    instruct_batch_size: int = 32
+    instruct_lr: float = 1e-3             # the LLM
+    instruct_projector_lr: float = 2e-3   # the projector
+    # optimisation, shared by every stage
+    warmup_frac: float = 0.05
+    min_lr_frac: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    # evaluation on the test split
+    eval_clip_scenes: int = 1000
+    eval_retrieval: int = 100
+    eval_questions: int = 1000
+    eval_pope: int = 300                  # per negative kind, balanced yes/no
+    eval_grounding: int = 200
+    eval_captions: int = 200
+    eval_batch_size: int = 100
+
+
+PRESETS = {
+    "cpu": {},
+    "tiny": dict(
+        tokenizer_scenes=200, vocab_size=320, vit_width=32, vit_depth=2, vit_heads=2,
+        text_width=32, text_depth=1, text_heads=2, embed_dim=32,
+        clip_steps=40, clip_batch_size=32, llm_dim=64, llm_layers=2, llm_heads=2, llm_kv_heads=2,
+        llm_ffn_hidden=172, lm_steps=40, align_steps=30, instruct_steps=60,
+        lm_batch_size=16, align_batch_size=16, instruct_batch_size=16, log_every=20,
+        eval_clip_scenes=100, eval_retrieval=50, eval_questions=100, eval_pope=40,
+        eval_grounding=20, eval_captions=20, eval_batch_size=50,
+    ),
+}
+
+
+class ConfigError(ValueError):
+    """A user mistake on the command line: reported in one line, never a traceback."""
+
+
+# -----------------------------------------------------------------------------
+# flags -> config
+
+def parse_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+def parse_flags(cls, argv, presets):
+    """Build a `cls` dataclass from argv: --config=NAME picks a preset, then every
+    --key=value / --key value / bare --key (boolean true) overrides one field."""
+    types = {f.name: f.type for f in fields(cls)}
+    pairs, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"unexpected argument {arg!r}; flags look like --key=value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:  # --key value, or a bare boolean --key
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if types.get(key) is bool and (nxt is None or nxt.startswith("--")):
+                value = "true"
+            elif nxt is None or nxt.startswith("--"):
+                raise ConfigError(f"--{key} needs a value")
+            else:
+                value, i = nxt, i + 1
+        pairs.append((key.replace("-", "_"), value))
+        i += 1
+    preset = dict(pairs).get("config", next(iter(presets)))
+    if preset not in presets:
+        raise ConfigError(f"unknown --config={preset}; presets: {', '.join(presets)}")
+    values = dict(presets[preset])
+    for key, value in pairs:
+        if key == "config":
+            continue
+        if key not in types:
+            raise ConfigError(f"unknown flag --{key}; valid: --config, " + ", ".join(f"--{k}" for k in types))
+        typ = types[key]
+        try:
+            values[key] = parse_bool(value) if typ is bool else typ(value)
+        except ValueError:
+            raise ConfigError(f"--{key} expects {typ.__name__}, got {value!r}") from None
+    return cls(**values)
+
+
+# -----------------------------------------------------------------------------
+# device, precision, checkpoints, metrics
+
+def pick_device(cfg):
+    """CUDA when present (bf16 autocast where the GPU supports it, fp16 otherwise), else CPU fp32."""
+    if cfg.device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device={cfg.device} but no CUDA GPU is visible")
+    else:
+        device = cfg.device
+    if cfg.dtype == "auto":
+        if device.startswith("cuda"):
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            dtype = "float32"  # bf16 matmuls are very slow on most CPUs
+    else:
+        dtype = cfg.dtype
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"--dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
+    return device, getattr(torch, dtype)
+
+
+def save_checkpoint(path, payload):
+    """Atomic write: a crash mid-save leaves the previous file whole (temp file + os.replace)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """weights_only=True: a checkpoint holds tensors and plain containers, never pickled code."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such checkpoint; run the stage that writes it first")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, foreign pickle, not a checkpoint at all
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path}: cannot load checkpoint ({first_line[:200]})") from None
+
+
+def update_metrics(out_dir, new):
+    """metrics.json is one flat object that every stage adds to, written atomically."""
+    path = os.path.join(out_dir, "metrics.json")
+    metrics = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            metrics = json.load(f)
+    metrics.update(new)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(metrics, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# the training loop every stage shares
+
+def lr_at(step, steps, cfg):
+    """Linear warmup, then cosine decay to min_lr_frac of the peak (multiplier in [0, 1])."""
+    warmup = max(1, int(cfg.warmup_frac * steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(groups, cfg, device):
+    """AdamW with per-module learning rates; weight decay only on matrices (>= 2-D),
+    never on norms, biases or the temperature."""
+    param_groups = []
+    for params, lr in groups:
+        params = [p for p in params if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        param_groups += [dict(params=decay, lr=lr, weight_decay=cfg.weight_decay, peak_lr=lr),
+                         dict(params=no_decay, lr=lr, weight_decay=0.0, peak_lr=lr)]
+    return torch.optim.AdamW(param_groups, betas=(0.9, 0.95), fused=device.startswith("cuda"))
+
+
+def train_loop(name, model, groups, get_batch, loss_fn, steps, batch_size, cfg, device, dtype):
+    """Run `steps` optimizer steps; get_batch(step, micro) returns a dict of tensors for
+    that micro-batch (a pure function of its arguments, so a run is reproducible).
+    Returns the per-step losses."""
+    opt = make_optimizer(groups, cfg, device)
+    autocast = torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
+    scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
+    trainable = [p for g in opt.param_groups for p in g["params"]]
+    losses, t0 = [], time.time()
+    model.train()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = group["peak_lr"] * lr_at(step, steps, cfg)
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                     for k, v in get_batch(step, micro).items()}
+            with autocast:
+                loss = loss_fn(model, batch) / cfg.grad_accum
+            scaler.scale(loss).backward()
+            total += loss.item()
+        if not math.isfinite(total):
+            raise RuntimeError(f"{name}: loss is {total} at step {step}; stopping (last checkpoint kept)")
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        losses.append(total)
+        if step % cfg.log_every == 0 or step == steps - 1:
+            elapsed = time.time() - t0
+            rate = (step + 1) * batch_size * cfg.grad_accum / elapsed
+            eta = elapsed / (step + 1) * (steps - step - 1)
+            print(f"{name} step {step:5d}/{steps} | loss {total:.4f} | lr {opt.param_groups[0]['lr']:.2e} "
+                  f"| {rate:6.1f} samples/s | eta {eta:5.0f}s", flush=True)
+    model.eval()
+    return losses
+
+
+# -----------------------------------------------------------------------------
+# data: every batch is built from the shapes world on the fly, a pure function of (stage, step)
+
+def world_config(cfg):
+    return shapes.WorldConfig(image_size=cfg.image_size, max_objects=cfg.max_objects, seed=cfg.seed)
+
+
+def scene_rng(cfg, stage, step, micro, i):
+    """Sample i of a micro-batch draws its scene and its text from its own seeded RNG."""
+    index = ((step * cfg.grad_accum + micro) * 4096 + i)
+    return index, random.Random(f"{cfg.seed}/{stage}/{index}")
+
+
+def world_texts(cfg):
+    """The text the tokenizer and the `lm` stage learn from: captions, questions and
+    answers, descriptions and conversations of training scenes."""
+    world, texts = world_config(cfg), []
+    for i in range(cfg.tokenizer_scenes):
+        scene, rng = shapes.make_scene("train", i, world), random.Random(i)
+        texts.append(shapes.caption(scene, rng))
+        texts.append(shapes.describe(scene))
+        for _, question, answer in shapes.questions(scene, rng):
+            texts += [question, answer]
+        for question, answer in shapes.conversation(scene, rng):
+            texts += [question, answer]
+    return texts
+
+
+def get_tokenizer(cfg):
+    """Reuse the tokenizer of an earlier stage's checkpoint, so that all stages share ids;
+    train a new one only when no checkpoint exists yet."""
+    for stage in STAGES:
+        path = os.path.join(cfg.out_dir, f"{stage}.pt")
+        if os.path.isfile(path):
+            return data.Tokenizer.from_state(load_checkpoint(path)["tokenizer"])
+    t0 = time.time()
+    tok = data.Tokenizer(data.train_bpe(world_texts(cfg), cfg.vocab_size))
+    print(f"tokenizer: {tok.vocab_size} tokens trained in {time.time() - t0:.1f}s")
+    return tok
+
+
+def clip_batch(cfg, tok, step, micro):
+    world, images, texts = world_config(cfg), [], []
+    for i in range(cfg.clip_batch_size):
+        index, rng = scene_rng(cfg, "clip", step, micro, i)
+        n = 1 if rng.random() < cfg.clip_single_object_prob else None
+        scene = shapes.make_scene("train", index, world, n_objects=n)
+        images.append(data.preprocess(shapes.render(scene), cfg.image_size))
+        texts.append(shapes.caption(scene, rng, drop_prob=cfg.clip_drop_prob))
+    return {"images": torch.stack(images), "ids": clip_tokenize(tok, texts, cfg.context_length)}
+
+
+def chat_sample(tok, scene, turns, image_tokens, image_size):
+    """One training sample: the scene's image and a conversation with labels on the answers."""
+    messages = []
+    for k, (question, answer) in enumerate(turns):
+        content = f"{data.IMAGE_MARKER}\n{question}" if k == 0 and scene is not None else question
+        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+    ids, labels = data.encode_chat(tok, messages, image_tokens if scene is not None else [])
+    images = data.preprocess(shapes.render(scene), image_size)[None] if scene is not None else None
+    return {"input_ids": ids, "labels": labels, "images": images}
+
+
+def instruct_turns(scene, rng):
+    """Several answers per image per forward pass: every question type of the scene in a
+    random order, or one of LLaVA's conversation types (QA, description, reasoning)."""
+    if rng.random() < 0.7:
+        turns = [(q, a) for _, q, a in shapes.questions(scene, rng)]
+        kind = rng.choice(shapes.POPE_KINDS)
+        turns.append(shapes.pope_question(scene, kind, rng, answer_yes=rng.random() < 0.5))
+        rng.shuffle(turns)
+        return turns
+    return shapes.conversation(scene, rng)
+
+
+def vlm_batch(cfg, tok, stage, step, micro, image_tokens, batch_size, split="train"):
+    """lm: text only (conversations without the image); align: image -> caption;
+    instruct: multi-turn visual conversations."""
+    world, samples = world_config(cfg), []
+    for i in range(batch_size):
+        index, rng = scene_rng(cfg, stage, step, micro, i)
+        scene = shapes.make_scene(split, index, world)
+        if stage == "lm":
+            turns = instruct_turns(scene, rng) + [("Describe the image.", shapes.caption(scene, rng))]
+            sample = chat_sample(tok, None, turns, image_tokens, cfg.image_size)
+            sample["labels"] = list(sample["input_ids"])  # language modelling: every token is a target
+            samples.append(sample)
+        elif stage == "align":
+            turns = [(rng.choice(evaluate.CAPTION_PROMPTS), shapes.caption(scene, rng))]
+            samples.append(chat_sample(tok, scene, turns, image_tokens, cfg.image_size))
+        else:
+            samples.append(chat_sample(tok, scene, instruct_turns(scene, rng), image_tokens, cfg.image_size))
+    for s in samples:  # cut at the context length (the answers are short; nothing is lost in practice)
+        s["input_ids"], s["labels"] = s["input_ids"][: cfg.max_seq_len], s["labels"][: cfg.max_seq_len]
+    return data.collate(samples, tok.pad_id)
+
+
+# -----------------------------------------------------------------------------
+# model builders
+
+def clip_config(cfg, tok):
+    vit = ViTConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.vit_width,
+                    depth=cfg.vit_depth, heads=cfg.vit_heads, use_cls=cfg.vit_cls)
+    return CLIPConfig(vit=vit, vocab_size=tok.vocab_size, context_length=cfg.context_length,
+                      text_width=cfg.text_width, text_depth=cfg.text_depth, text_heads=cfg.text_heads,
+                      embed_dim=cfg.embed_dim)
+
+
+def vlm_config(cfg, tok):
+    llm = LLMConfig(vocab_size=tok.vocab_size, dim=cfg.llm_dim, n_layers=cfg.llm_layers,
+                    n_heads=cfg.llm_heads, n_kv_heads=cfg.llm_kv_heads,
+                    ffn_hidden=cfg.llm_ffn_hidden, max_seq_len=cfg.max_seq_len)
+    return VLMConfig(vision=clip_config(cfg, tok).vit, llm=llm, projector=cfg.projector,
+                     vision_layer=cfg.vision_layer, image_token_id=tok.image_id)
+
+
+def build_vlm(cfg, tok, stage, device):
+    """The VLM a stage starts from: lm starts fresh; align takes the ViT from clip.pt and
+    the LLM from lm.pt; instruct continues from align.pt."""
+    model = VLM(vlm_config(cfg, tok))
+    if stage == "align":
+        clip_state = load_checkpoint(os.path.join(cfg.out_dir, "clip.pt"))["model"]
+        vision = {k[len("visual."):]: v for k, v in clip_state.items() if k.startswith("visual.")}
+        load_weights(model.vision, vision, "clip.pt")
+        load_weights(model.llm, load_checkpoint(os.path.join(cfg.out_dir, "lm.pt"))["model"], "lm.pt")
+    elif stage == "instruct":
+        load_weights(model, load_checkpoint(os.path.join(cfg.out_dir, "align.pt"))["model"], "align.pt")
+    return model.to(device)
+
+
+def load_weights(module, state, name):
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise ConfigError(f"{name} was written by another config ({str(e).splitlines()[1].strip()[:160]})") from None
+
+
+# -----------------------------------------------------------------------------
+# the stages
+
+def stage_clip(cfg, tok, device, dtype):
+    model = CLIP(clip_config(cfg, tok), eot_id=tok.eot_id).to(device)
+    get_batch = lambda step, micro: clip_batch(cfg, tok, step, micro)
+    loss_fn = lambda m, b: m(b["images"], b["ids"])[0]
+    train_loop("clip", model, [(model.parameters(), cfg.clip_lr)], get_batch, loss_fn,
+               cfg.clip_steps, cfg.clip_batch_size, cfg, device, dtype)
+    return model, evaluate.evaluate_clip(model, tok, cfg, device)
+
+
+def stage_vlm(stage, cfg, tok, device, dtype):
+    model = build_vlm(cfg, tok, stage, device)
+    image_tokens = model.num_image_tokens
+    if stage == "lm":
+        groups, steps, bs = [(list(model.llm.parameters()), cfg.lm_lr)], cfg.lm_steps, cfg.lm_batch_size
+    elif stage == "align":
+        groups, steps, bs = [(list(model.projector.parameters()), cfg.align_lr)], cfg.align_steps, cfg.align_batch_size
+    else:
+        groups = [(list(model.llm.parameters()), cfg.instruct_lr),
+                  (list(model.projector.parameters()), cfg.instruct_projector_lr)]
+        steps, bs = cfg.instruct_steps, cfg.instruct_batch_size
+    trained = {id(p) for params, _ in groups for p in params}
+    for p in model.parameters():  # frozen towers get no gradient at all
+        p.requires_grad_(id(p) in trained)
+    get_batch = lambda step, micro: vlm_batch(cfg, tok, stage, step, micro, image_tokens, bs)
+    loss_fn = lambda m, b: m(b["input_ids"], b["images"], b["attention_mask"], b["labels"])[1]
+    train_loop(stage, model, groups, get_batch, loss_fn, steps, bs, cfg, device, dtype)
+    if stage == "lm":
+        return model, lm_validation(model, tok, cfg, device)
+    return model, evaluate.evaluate_vlm(stage, model, tok, cfg, device)
+
+
+@torch.no_grad()
+def lm_validation(model, tok, cfg, device):
+    """The lm stage is measured by perplexity on conversations of validation scenes."""
+    batch = vlm_batch(cfg, tok, "lm", 0, 0, model.num_image_tokens, 64, split="val")
+    _, loss = model(batch["input_ids"].to(device), None, batch["attention_mask"].to(device),
+                    batch["labels"].to(device))
+    return {"lm_val_loss": loss.item(), "lm_val_ppl": math.exp(loss.item())}
+
+
+def run_stage(stage, cfg, tok, device, dtype):
+    t0 = time.time()
+    model, metrics = stage_clip(cfg, tok, device, dtype) if stage == "clip" else stage_vlm(stage, cfg, tok, device, dtype)
+    weights = model.llm.state_dict() if stage == "lm" else model.state_dict()
+    save_checkpoint(os.path.join(cfg.out_dir, f"{stage}.pt"),
+                    {"stage": stage, "config": asdict(cfg), "model": weights, "tokenizer": tok.state()})
+    metrics[f"{stage}_train_seconds"] = time.time() - t0
+    return metrics
+
+
+def main(argv):
+    cfg = parse_flags(Config, argv, PRESETS)
+    if cfg.stage not in STAGES + ("all",):
+        raise ConfigError(f"--stage must be one of {', '.join(STAGES)}, all; not {cfg.stage!r}")
+    device, dtype = pick_device(cfg)
+    print(f"device {device}, dtype {str(dtype).replace('torch.', '')}")
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    tok = get_tokenizer(cfg)
+    for stage in STAGES if cfg.stage == "all" else (cfg.stage,):
+        metrics = update_metrics(cfg.out_dir, run_stage(stage, cfg, tok, device, dtype))
+    if cfg.stage == "all":
+        metrics = update_metrics(cfg.out_dir, {"total_seconds": time.time() - t0})
+    evaluate.print_table(metrics)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ConfigError, data.ImageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
