@@ -157,7 +157,8 @@ class Attention(nn.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         qkv = self.qkv(x)  # (B, T, (H + 2·Hkv)·hd)
-        q, k, v = qkv.split([cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim], dim=-1)
+        kv_width = cfg.n_kv_heads * cfg.head_dim
+        q, k, v = qkv.split([cfg.n_heads * cfg.head_dim, kv_width, kv_width], dim=-1)
         q = q.view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
@@ -295,7 +296,7 @@ class VLM(nn.Module):
         self.cfg = cfg
         self.vision = ViT(cfg.vision) if vision is None else vision
         if self.vision.num_patches != cfg.vision.num_patches:
-            raise ValueError(f"the vision encoder has {self.vision.num_patches} patches, cfg.vision {cfg.vision.num_patches}")
+            raise ValueError(f"vision encoder has {self.vision.num_patches} patches, cfg.vision {cfg.vision.num_patches}")
         self.projector = make_projector(cfg.projector, cfg.vision.width, cfg.llm.dim, cfg.vision.grid_size,
                                         cfg.shuffle_factor)
         self.llm = LanguageModel(cfg.llm)
@@ -361,10 +362,12 @@ class VLM(nn.Module):
         for step in range(max_new_tokens):
             next_id = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             for b, t in enumerate(next_id.tolist()):
-                if not done[b]:
-                    done[b] = t == stop_id
-                    if not done[b]:
-                        out[b].append(t)
+                if done[b]:
+                    continue
+                if t == stop_id:
+                    done[b] = True
+                else:
+                    out[b].append(t)
             if all(done) or step == max_new_tokens - 1:
                 break
             new = next_id[:, None]  # (B, 1)

@@ -198,7 +198,8 @@ def test_tied_embeddings_and_parameter_count():
     lm = LanguageModel(tiny_llm())
     assert lm.head.weight is lm.tok_emb.weight
     c = lm.cfg
-    per_block = c.dim * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.dim * c.dim + 3 * c.dim * c.ffn_hidden + 2 * c.dim
+    attn = c.dim * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.dim * c.dim  # qkv, proj
+    per_block = attn + 3 * c.dim * c.ffn_hidden + 2 * c.dim  # + w1, w2, w3, two RMSNorm weights
     assert count_parameters(lm) == c.vocab_size * c.dim + c.n_layers * per_block + c.dim  # embedding counted once
 
 
