@@ -92,18 +92,23 @@ def caption_correct(text, scene):
 # batched answering with the VLM
 
 @torch.no_grad()
-def answer_batch(model, tok, images, questions, image_size, device, max_new_tokens=24):
-    """Answer one question per image, greedily, in one left-padded batch."""
+def answer_batch(model, tok, images, conversations, image_size, device, max_new_tokens=24, **sampling):
+    """Continue each conversation (a list of chat messages whose last one is the user's)
+    about its image, in one left-padded batch. Greedy unless `sampling` sets a temperature."""
     samples = []
-    for image, question in zip(images, questions):
-        messages = [{"role": "user", "content": f"{data.IMAGE_MARKER}\n{question}"}]
+    for image, messages in zip(images, conversations):
         ids = data.encode_prompt(tok, messages, model.num_image_tokens)
         samples.append({"input_ids": ids, "images": data.preprocess(image, image_size)[None]})
     batch = data.collate(samples, tok.pad_id, side="left")
     out = model.generate(batch["input_ids"].to(device), batch["images"].to(device),
                          batch["attention_mask"].to(device), max_new_tokens=max_new_tokens,
-                         stop_id=tok.im_end_id)
+                         stop_id=tok.im_end_id, **sampling)
     return [tok.decode(ids).strip() for ids in out]
+
+
+def question(text):
+    """A one-turn conversation about one image: LLaVA puts the image before the question."""
+    return [{"role": "user", "content": f"{data.IMAGE_MARKER}\n{text}"}]
 
 
 def answer_all(model, tok, items, cfg, device, max_new_tokens=24):
@@ -111,8 +116,8 @@ def answer_all(model, tok, items, cfg, device, max_new_tokens=24):
     answers = []
     for start in range(0, len(items), cfg.eval_batch_size):
         chunk = items[start:start + cfg.eval_batch_size]
-        answers += answer_batch(model, tok, [shapes.render(s) for s, _ in chunk], [q for _, q in chunk],
-                                cfg.image_size, device, max_new_tokens)
+        answers += answer_batch(model, tok, [shapes.render(s) for s, _ in chunk],
+                                [question(q) for _, q in chunk], cfg.image_size, device, max_new_tokens)
     return answers
 
 
@@ -238,8 +243,11 @@ def print_table(metrics):
     print("\n" + "-" * 44)
     for key in sorted(metrics):
         value = metrics[key]
-        shown = f"{value:8.1f} s" if key.endswith("_seconds") else (
-            f"{100 * value:8.1f} %" if key.endswith(("_acc", "_f1", "_ratio", "_precision", "_recall")) or "_r1" in key or "_r5" in key
-            else f"{value:10.4f}")
+        if key.endswith("_seconds"):
+            shown = f"{value:8.1f} s"
+        elif any(part in key for part in ("_acc", "_f1", "_ratio", "_precision", "_recall", "_r1", "_r5")):
+            shown = f"{100 * value:8.1f} %"
+        else:
+            shown = f"{value:10.4f}"
         print(f"{key:32s} {shown}")
     print("-" * 44)

@@ -29,7 +29,7 @@ import hashlib
 import math
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from PIL import Image, ImageDraw
 
@@ -189,6 +189,26 @@ def make_scene(split, index, cfg, n_objects=None):
         if SPLIT_OF_BUCKET[_stable_int(scene_signature(scene)) % 10] == split:
             return scene
     raise RuntimeError(f"no {split} scene found for index {index} in {MAX_ATTEMPTS} draws")
+
+
+def hard_negative(scene, rng, split="train", held_out=()):
+    """The same scene with one object's shape changed: a hard negative for contrastive
+    learning. Captioned with the same RNG state, its caption differs from the original's
+    in one word, so telling the two apart takes seeing the shape ("When and why
+    vision-language models behave like bags-of-words", Yuksekgonul et al. 2022,
+    arXiv:2210.01936, NegCLIP). Kept in `split` like make_scene; None if no twin is."""
+    for _ in range(20):
+        k = rng.randrange(len(scene.objects))
+        obj = scene.objects[k]
+        shape = rng.choice([s for s in SHAPES if s != obj.shape])
+        if (obj.colour, shape) in held_out:
+            continue
+        objects = list(scene.objects)
+        objects[k] = replace(obj, shape=shape)  # every shape fills the same box
+        twin = Scene(objects, scene.image_size)
+        if SPLIT_OF_BUCKET[_stable_int(scene_signature(twin)) % 10] == split:
+            return twin
+    return None
 
 
 def _draw_shape(draw, obj, scale):

@@ -72,6 +72,7 @@ class Config:
     clip_lr: float = 1e-3
     clip_drop_prob: float = 0.3           # each caption attribute but the shape noun is dropped with this probability
     clip_single_object_prob: float = 0.5  # share of single-object scenes: shape must be seen alone too
+    clip_hard_negative_prob: float = 0.5  # share of scenes that bring a twin with one shape changed
     # decoder LLM
     llm_dim: int = 256
     llm_layers: int = 4
@@ -340,14 +341,22 @@ def get_tokenizer(cfg):
 
 
 def clip_batch(cfg, tok, step, micro):
-    world, images, texts = world_config(cfg), [], []
-    for i in range(cfg.clip_batch_size):
-        index, rng = scene_rng(cfg, "clip", step, micro, i)
+    """Image-caption pairs. A share of them come as hard-negative twins: the same scene with
+    one shape changed and the same caption but for that word, so the batch cannot be
+    solved from colour and position alone."""
+    world, scenes, texts = world_config(cfg), [], []
+    while len(scenes) < cfg.clip_batch_size:
+        index, rng = scene_rng(cfg, "clip", step, micro, len(scenes))
         n = 1 if rng.random() < cfg.clip_single_object_prob else None
         scene = shapes.make_scene("train", index, world, n_objects=n)
-        images.append(data.preprocess(shapes.render(scene), cfg.image_size))
-        texts.append(shapes.caption(scene, rng, drop_prob=cfg.clip_drop_prob))
-    return {"images": torch.stack(images), "ids": clip_tokenize(tok, texts, cfg.context_length)}
+        twin = shapes.hard_negative(scene, rng) if rng.random() < cfg.clip_hard_negative_prob else None
+        caption_seed = rng.random()
+        for s in (scene, twin) if twin is not None else (scene,):
+            scenes.append(s)
+            texts.append(shapes.caption(s, random.Random(caption_seed), drop_prob=cfg.clip_drop_prob))
+    scenes, texts = scenes[:cfg.clip_batch_size], texts[:cfg.clip_batch_size]
+    images = torch.stack([data.preprocess(shapes.render(s), cfg.image_size) for s in scenes])
+    return {"images": images, "ids": clip_tokenize(tok, texts, cfg.context_length)}
 
 
 def chat_sample(tok, scene, turns, image_tokens, image_size):
@@ -462,7 +471,9 @@ def stage_vlm(stage, cfg, tok, device, dtype):
     for p in model.parameters():  # frozen towers get no gradient at all
         p.requires_grad_(id(p) in trained)
     get_batch = lambda step, micro: vlm_batch(cfg, tok, stage, step, micro, image_tokens, bs)
-    loss_fn = lambda m, b: m(b["input_ids"], b["images"], b["attention_mask"], b["labels"])[1]
+    # Batches are right-padded: under causal attention no real token ever sees a pad, so the
+    # model needs no padding mask and SDPA takes its fast causal path (pads carry no label).
+    loss_fn = lambda m, b: m(b["input_ids"], b["images"], labels=b["labels"])[1]
     train_loop(stage, model, groups, get_batch, loss_fn, steps, bs, cfg, device, dtype)
     if stage == "lm":
         return model, lm_validation(model, tok, cfg, device)

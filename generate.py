@@ -1,0 +1,108 @@
+"""
+generate.py — ask a trained tinyvlm about an image.
+
+    python generate.py --save_scene=7                  # write a held-out shapes-world scene to scene.png
+    python generate.py --image scene.png --prompt "What colour is the circle?"
+    python generate.py --image scene.png --chat        # multi-turn: one question per line, empty line ends
+    python generate.py --config=sample --image scene.png --prompt "Describe the image."
+
+The model is always rebuilt from the checkpoint's own config (out/instruct.pt, or --ckpt),
+so any checkpoint tinyvlm wrote answers here whatever the current defaults are. Presets
+and flags change generation settings only: greedy decoding by default, or temperature /
+top-k / top-p sampling ("The Curious Case of Neural Text Degeneration", Holtzman et al.
+2019, arXiv:1904.09751, for top-p). Answers come from VLM.generate, with the KV cache.
+"""
+
+import os
+import random
+import sys
+from dataclasses import dataclass, fields
+
+import torch
+
+import data
+import evaluate
+import shapes
+import train
+from model import VLM
+
+
+@dataclass
+class GenerateConfig:
+    out_dir: str = "out"
+    ckpt: str = ""                 # a checkpoint file; default <out_dir>/instruct.pt
+    image: str = ""                # the image to ask about
+    prompt: str = ""               # one question
+    chat: bool = False             # read questions from stdin, one per line, keeping the history
+    save_scene: int = -1           # write test scene N of the shapes world to --scene_file and stop
+    scene_file: str = "scene.png"
+    max_new_tokens: int = 48
+    temperature: float = 0.0       # 0 = greedy
+    top_k: int = 0                 # 0 = off
+    top_p: float = 1.0             # 1 = off
+    seed: int = 0
+    device: str = "auto"
+
+
+PRESETS = {
+    "greedy": {},
+    "sample": dict(temperature=0.8, top_p=0.9),
+}
+
+
+def load_vlm(path, device="cpu"):
+    """(model, tokenizer, training config) from a checkpoint written by train.py."""
+    ckpt = train.load_checkpoint(path)
+    if ckpt.get("stage") not in ("align", "instruct"):
+        raise train.ConfigError(f"{path}: a {ckpt.get('stage')!r} checkpoint holds no VLM; use align.pt or instruct.pt")
+    known = {f.name for f in fields(train.Config)}
+    cfg = train.Config(**{k: v for k, v in ckpt["config"].items() if k in known})
+    tok = data.Tokenizer.from_state(ckpt["tokenizer"])
+    model = VLM(train.vlm_config(cfg, tok))
+    train.load_weights(model, ckpt["model"], path)
+    return model.to(device).eval(), tok, cfg
+
+
+def save_scene(gen):
+    world = shapes.WorldConfig()
+    scene = shapes.make_scene("test", gen.save_scene, world)
+    shapes.render(scene).save(gen.scene_file)
+    print(f"wrote {gen.scene_file}: {shapes.caption(scene, random.Random(0))}")
+    for kind, question, answer in shapes.questions(scene, random.Random(gen.save_scene)):
+        print(f"  {kind:10s} {question}  ->  {answer}")
+
+
+def main(argv):
+    gen = train.parse_flags(GenerateConfig, argv, PRESETS)
+    if gen.save_scene >= 0:
+        return save_scene(gen)
+    if not gen.image:
+        raise train.ConfigError("--image is required (try --save_scene=0 to write a test scene first)")
+    if not gen.chat and not gen.prompt.strip():
+        raise train.ConfigError("--prompt is empty; ask a question, or use --chat")
+    device = "cuda" if gen.device == "auto" and torch.cuda.is_available() else ("cpu" if gen.device == "auto" else gen.device)
+    image = data.load_image(gen.image)
+    model, tok, cfg = load_vlm(gen.ckpt or os.path.join(gen.out_dir, "instruct.pt"), device)
+    sampling = dict(temperature=gen.temperature, top_k=gen.top_k or None,
+                    top_p=gen.top_p if gen.top_p < 1 else None,
+                    generator=torch.Generator(device).manual_seed(gen.seed))
+    messages = []
+    questions = iter(sys.stdin.readline, "") if gen.chat else [gen.prompt]
+    for text in questions:
+        text = text.strip()
+        if not text:
+            break
+        first = not messages
+        messages.append({"role": "user", "content": f"{data.IMAGE_MARKER}\n{text}" if first else text})
+        answer = evaluate.answer_batch(model, tok, [image], [messages], cfg.image_size, device,
+                                       gen.max_new_tokens, **sampling)[0]
+        messages.append({"role": "assistant", "content": answer})
+        print(answer, flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (train.ConfigError, data.ImageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
