@@ -60,7 +60,7 @@ def pope_metrics(predictions, answers):
     tp = sum(p and g for p, g in zip(pred_yes, gold_yes))
     fp = sum(p and not g for p, g in zip(pred_yes, gold_yes))
     fn = sum(not p and g for p, g in zip(pred_yes, gold_yes))
-    correct = sum(normalize_answer(p) == normalize_answer(a) for p, a in zip(predictions, answers))
+    correct = sum(p == g for p, g in zip(pred_yes, gold_yes))  # POPE's accuracy: (TP + TN) / n
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0

@@ -332,10 +332,10 @@ class VLM(nn.Module):
         logits = self.llm(inputs_embeds=embeds, attention_mask=attention_mask)  # (B, T, V)
         loss = None
         if labels is not None:
-            # position t predicts token t+1: drop the last logit and the first label
-            pred = logits[:, :-1].reshape(-1, logits.size(-1)).float()  # (B·(T-1), V)
-            target = labels[:, 1:].reshape(-1)  # (B·(T-1),)
-            loss = F.cross_entropy(pred, target, ignore_index=-100)
+            # position t predicts token t+1: shift the labels left (the last position predicts
+            # nothing) rather than slicing the logits, which would copy all B·T·V of them
+            target = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100)
         return logits, loss
 
     @torch.no_grad()

@@ -72,7 +72,7 @@ class Config:
     clip_lr: float = 1e-3
     clip_drop_prob: float = 0.3           # each caption attribute but the shape noun is dropped with this probability
     clip_single_object_prob: float = 0.5  # share of single-object scenes: shape must be seen alone too
-    clip_hard_negative_prob: float = 0.5  # share of scenes that bring a twin with one shape changed
+    clip_hard_negative_prob: float = 0.0  # share of scenes that bring a twin with one shape changed
     # decoder LLM
     llm_dim: int = 256
     llm_layers: int = 4
@@ -96,6 +96,7 @@ class Config:
     instruct_batch_size: int = 32
     instruct_lr: float = 1e-3             # the LLM
     instruct_projector_lr: float = 2e-3   # the projector
+    instruct_turns: int = 4               # questions per conversation: answers per image per forward pass
     # optimisation, shared by every stage
     warmup_frac: float = 0.05
     min_lr_frac: float = 0.1
@@ -151,6 +152,9 @@ def parse_flags(cls, argv, presets):
         if not arg.startswith("--") or len(arg) == 2:
             raise ConfigError(f"unexpected argument {arg!r}; flags look like --key=value")
         key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if key != "config" and key not in types:
+            raise ConfigError(f"unknown flag --{key}; valid: --config, " + ", ".join(f"--{k}" for k in types))
         if not eq:  # --key value, or a bare boolean --key
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             if types.get(key) is bool and (nxt is None or nxt.startswith("--")):
@@ -159,7 +163,7 @@ def parse_flags(cls, argv, presets):
                 raise ConfigError(f"--{key} needs a value")
             else:
                 value, i = nxt, i + 1
-        pairs.append((key.replace("-", "_"), value))
+        pairs.append((key, value))
         i += 1
     preset = dict(pairs).get("config", next(iter(presets)))
     if preset not in presets:
@@ -168,8 +172,6 @@ def parse_flags(cls, argv, presets):
     for key, value in pairs:
         if key == "config":
             continue
-        if key not in types:
-            raise ConfigError(f"unknown flag --{key}; valid: --config, " + ", ".join(f"--{k}" for k in types))
         typ = types[key]
         try:
             values[key] = parse_bool(value) if typ is bool else typ(value)
@@ -320,6 +322,7 @@ def world_texts(cfg):
         scene, rng = shapes.make_scene("train", i, world), random.Random(i)
         texts.append(shapes.caption(scene, rng))
         texts.append(shapes.describe(scene))
+        texts.append("user\nassistant\n")  # the chat template's role names, so they become whole tokens
         for _, question, answer in shapes.questions(scene, rng):
             texts += [question, answer]
         for question, answer in shapes.conversation(scene, rng):
@@ -370,15 +373,25 @@ def chat_sample(tok, scene, turns, image_tokens, image_size):
     return {"input_ids": ids, "labels": labels, "images": images}
 
 
-def instruct_turns(scene, rng):
-    """Several answers per image per forward pass: every question type of the scene in a
-    random order, or one of LLaVA's conversation types (QA, description, reasoning)."""
-    if rng.random() < 0.7:
+def fit_turns(tok, scene, turns, image_tokens, cfg):
+    """The sample with as many whole turns as fit in max_seq_len: a conversation is cut at a
+    turn boundary (DESIGN.md), never inside an answer; the first turn is always kept."""
+    for n in range(len(turns), 1, -1):
+        sample = chat_sample(tok, scene, turns[:n], image_tokens, cfg.image_size)
+        if len(sample["input_ids"]) <= cfg.max_seq_len:
+            return sample
+    return chat_sample(tok, scene, turns[:1], image_tokens, cfg.image_size)
+
+
+def instruct_turns(scene, rng, n_turns):
+    """Several answers per image per forward pass: n_turns questions of the scene (every
+    type, and a POPE-style probe with any kind of negative) in a random order, or one of
+    LLaVA's conversation types (QA, detailed description, reasoning)."""
+    if rng.random() < 0.8:
         turns = [(q, a) for _, q, a in shapes.questions(scene, rng)]
         kind = rng.choice(shapes.POPE_KINDS)
         turns.append(shapes.pope_question(scene, kind, rng, answer_yes=rng.random() < 0.5))
-        rng.shuffle(turns)
-        return turns
+        return rng.sample(turns, min(n_turns, len(turns)))
     return shapes.conversation(scene, rng)
 
 
@@ -390,16 +403,16 @@ def vlm_batch(cfg, tok, stage, step, micro, image_tokens, batch_size, split="tra
         index, rng = scene_rng(cfg, stage, step, micro, i)
         scene = shapes.make_scene(split, index, world)
         if stage == "lm":
-            turns = instruct_turns(scene, rng) + [("Describe the image.", shapes.caption(scene, rng))]
-            sample = chat_sample(tok, None, turns, image_tokens, cfg.image_size)
+            turns = instruct_turns(scene, rng, cfg.instruct_turns) + [("Describe the image.", shapes.caption(scene, rng))]
+            sample = fit_turns(tok, None, turns, image_tokens, cfg)
             sample["labels"] = list(sample["input_ids"])  # language modelling: every token is a target
             samples.append(sample)
         elif stage == "align":
             turns = [(rng.choice(evaluate.CAPTION_PROMPTS), shapes.caption(scene, rng))]
-            samples.append(chat_sample(tok, scene, turns, image_tokens, cfg.image_size))
+            samples.append(fit_turns(tok, scene, turns, image_tokens, cfg))
         else:
-            samples.append(chat_sample(tok, scene, instruct_turns(scene, rng), image_tokens, cfg.image_size))
-    for s in samples:  # cut at the context length (the answers are short; nothing is lost in practice)
+            samples.append(fit_turns(tok, scene, instruct_turns(scene, rng, cfg.instruct_turns), image_tokens, cfg))
+    for s in samples:  # only a first turn longer than the context is still cut
         s["input_ids"], s["labels"] = s["input_ids"][: cfg.max_seq_len], s["labels"][: cfg.max_seq_len]
     return data.collate(samples, tok.pad_id)
 

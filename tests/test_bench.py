@@ -1,0 +1,71 @@
+"""Tests for bench.py: the FLOP count of a tiny VLM against parameters counted by hand from
+the layer shapes (not with count_parameters), for each way a tower can train; and one run of
+every measurement on a tiny config, whose JSON must hold the keys the issue names and
+numbers that agree with each other."""
+import json
+import math
+
+import bench
+from model import VLM, VLMConfig, LLMConfig
+from vit import ViTConfig
+
+
+def test_flops_match_a_hand_count():
+    # ViT: 16x16 image, patch 4 -> 16 patches + CLS = 17 tokens, width 8, 1 block, MLP 32
+    # pixel shuffle 2 -> 4 image tokens; LLM: width 16, 1 block, SwiGLU 24, vocab 32, tied head
+    vision = ViTConfig(image_size=16, patch_size=4, width=8, depth=1, heads=2, use_cls=True)
+    llm = LLMConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, n_kv_heads=2, ffn_hidden=24, max_seq_len=16)
+    model = VLM(VLMConfig(vision=vision, llm=llm, projector="pixel_shuffle", shuffle_factor=2, image_token_id=31))
+    vit_block = 2 * 8 + (8 * 24 + 24) + (8 * 8 + 8) + 2 * 8 + (8 * 32 + 32) + (32 * 8 + 8)  # ln1 qkv proj ln2 fc1 fc2
+    vit = (3 * 4 * 4 * 8 + 8) + 8 + 17 * 8 + vit_block + 2 * 8  # conv, cls, positions, block, ln_f
+    projector = (4 * 8) * 16 + 16  # Linear from 4 concatenated patches to the LLM width
+    llm_block = 16 + 16 * 48 + 16 * 16 + 16 + 3 * 16 * 24  # norm, qkv, proj, norm, w1 w3 w2
+    lm = 32 * 16 + llm_block + 16  # embedding (= the tied head, once), block, final norm
+    assert (vit, projector, lm) == (1424, 528, 2736)
+    B, T = 3, 10
+
+    everything = [model.vision, model.projector, model.llm]
+    towers = bench.vlm_towers(model, T, everything)
+    assert [(t.params, t.tokens, t.k) for t in towers] == [(vit, 17, 6), (projector, 4, 6), (lm, T, 6)]
+    assert bench.model_flops(towers, B) == 6 * B * (vit * 17 + projector * 4 + lm * T)
+    # attention, PaLM's 12·L·d·T per token at k = 6: ViT over 17 tokens, LLM over T
+    assert bench.attention_flops(towers, B) == B * (12 * 1 * 8 * 17 * 17 + 12 * 1 * 16 * T * T)
+
+    # align: ViT frozen and nothing before it trains (forward only), the projector trains,
+    # the frozen LLM passes gradients back to it (forward + input gradients, no weight gradients)
+    align = bench.vlm_towers(model, T, [model.projector])
+    assert bench.model_flops(align, B) == B * (2 * vit * 17 + 6 * projector * 4 + 4 * lm * T)
+    instruct = bench.vlm_towers(model, T, [model.projector, model.llm])
+    assert bench.model_flops(instruct, B) == B * (2 * vit * 17 + 6 * projector * 4 + 6 * lm * T)
+    text_only = bench.vlm_towers(model, T, [model.llm], with_images=False)
+    assert bench.model_flops(text_only, B) == 6 * B * lm * T
+
+
+def test_tiny_run_reports_every_key_consistently(tmp_path):
+    ref = bench.Reference(image_size=16, patch_size=4, vit_width=16, vit_depth=1, vit_heads=2, llm_dim=32,
+                          llm_layers=1, llm_heads=2, llm_ffn_hidden=48, vocab_size=64, seq_len=12, batch_size=2)
+    cfg = bench.parse_args(["--config=tiny", "--steps", "1", "--warmup=0", "--data_batches=1", "--matmul_size=128",
+                            f"--json={tmp_path / 'b.json'}"])
+    assert (cfg.config, cfg.steps, cfg.json) == ("tiny", 1, str(tmp_path / "b.json"))
+    r = bench.run(cfg, ref, gen_lengths=(3, 6))
+
+    required = ["matmul_peak_flops", "train_mfu_reference", "train_step_seconds_reference",
+                "kv_cache_speedup_3", "kv_cache_speedup_6"]
+    required += [f"{key}_{stage}" for stage in ("clip", "lm", "align", "instruct")
+                 for key in ("train_mfu", "train_tokens_per_s", "data_scenes_per_s", "data_share")]
+    assert not [k for k in required if k not in r]
+    json.dumps(r)  # the JSON has plain values only
+    assert r["kv_cache_identical_tokens"] is True and r["generate_distinct_tokens"] > 1
+    # the derived numbers follow from the measured ones
+    for name in ("reference", "clip", "lm", "align", "instruct"):
+        seconds, flops = r[f"train_step_seconds_{name}"], r[f"train_flops_per_step_{name}"]
+        assert seconds > 0 and flops > 0
+        assert math.isclose(r[f"train_flops_per_s_{name}"], flops / seconds)
+        assert math.isclose(r[f"train_mfu_{name}"], flops / seconds / r["matmul_peak_flops"])
+        assert math.isclose(r[f"train_tokens_per_s_{name}"],
+                            r[f"train_batch_size_{name}"] * r[f"train_tokens_per_sample_{name}"] / seconds)
+    reference = bench.reference_workload(ref, "cpu")
+    assert r["train_flops_per_step_reference"] == bench.model_flops(reference.towers, 2)
+    assert r["train_tokens_per_sample_reference"] == 12
+    assert r["train_flop_multipliers_align"] == "visionx2 projectorx6 llmx4"
+    assert "reference" in bench.format_report(r, (3, 6))

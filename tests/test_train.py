@@ -1,0 +1,529 @@
+"""Tests for train.py.
+
+Flags are parsed into hand-picked expected configs; the LR schedule is checked against values
+worked out by hand; the optimizer's weight-decay split is checked by what one AdamW step does to
+each parameter; checkpoints are checked against a simulated crash, a pickled payload with a side
+effect and a truncated file. The batches are checked by parsing the token stream independently of
+the chat template code and by re-deriving answers from the scene. One short run of the whole
+pipeline (module fixture, ~20 s) is shared by the tests of losses, frozen towers and metrics.json.
+
+Measured on this 2-core CPU with torch.set_num_threads(1) (tests/conftest.py), seeded, so the
+loss thresholds below are deterministic; the margins are stated where they are asserted.
+"""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import data
+import evaluate
+import shapes
+import train
+from model import VLM
+from train import Config, ConfigError, PRESETS, parse_flags
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# ----------------------------------------------------------------------------- flags -> config
+
+
+@dataclass
+class Toy:
+    flag: bool = False
+    n: int = 1
+    x: float = 0.5
+    name: str = "a"
+
+
+TOY_PRESETS = {"base": {}, "big": {"n": 100, "name": "big"}, "on": {"flag": True}}
+
+
+def toy(*argv):
+    return parse_flags(Toy, list(argv), TOY_PRESETS)
+
+
+def test_flag_forms():
+    """--k=v, --k v and a bare boolean --k all set the field, typed by the dataclass."""
+    assert toy() == Toy()
+    assert toy("--n=3", "--x", "0.25", "--name=b", "--flag") == Toy(flag=True, n=3, x=0.25, name="b")
+    assert toy("--flag", "--n", "2") == Toy(flag=True, n=2)      # a bare bool followed by another flag
+    assert toy("--n", "-4") == Toy(n=-4)                          # a negative value is a value, not a flag
+    assert toy("--x=1") == Toy(x=1.0) and isinstance(toy("--x=1").x, float)
+    assert toy("--name=a=b") == Toy(name="a=b")                   # only the first '=' splits
+    assert toy("--n=1", "--n=9") == Toy(n=9)                      # the last one wins
+
+
+@pytest.mark.parametrize("text, value", [("false", False), ("False", False), ("0", False), ("no", False),
+                                         ("off", False), ("true", True), ("TRUE", True), ("1", True),
+                                         ("yes", True), ("on", True)])
+def test_booleans_are_parsed_not_truth_tested(text, value):
+    # argparse's type=bool makes "--flag False" True (bool("False")); here both forms parse the
+    # word. The preset starts the flag at the opposite value, so a no-op would fail.
+    start = "--config=base" if value else "--config=on"
+    assert toy(start, f"--flag={text}").flag is value
+    assert toy(start, "--flag", text).flag is value
+
+
+def test_presets_then_overrides_in_any_order():
+    """--config picks the base values; every other flag overrides it wherever it stands."""
+    assert toy("--config=big") == Toy(n=100, name="big")
+    assert toy("--config=big", "--n=5") == Toy(n=5, name="big")
+    assert toy("--n=5", "--config=big") == Toy(n=5, name="big")   # the preset never overrides a flag
+    assert parse_flags(Toy, [], {"first": {"n": 7}, "second": {}}) == Toy(n=7)  # no --config: the first preset
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--m=3"], r"unknown flag --m; valid: --config, --flag, --n, --x, --name"),
+    (["--n=abc"], r"--n expects int, got 'abc'"),
+    (["--n=1.5"], r"--n expects int"),
+    (["--x=fast"], r"--x expects float"),
+    (["--flag=maybe"], r"--flag expects bool"),
+    (["--flag", "maybe"], r"--flag expects bool"),
+    (["--n"], r"--n needs a value"),
+    (["--config=huge"], r"unknown --config=huge; presets: base, big, on"),
+    (["n=3"], r"unexpected argument 'n=3'"),
+    (["--"], r"unexpected argument '--'"),
+])
+def test_bad_flags_are_refused_with_a_clear_message(argv, message):
+    """Unknown keys, wrong types, missing values and stray words are refused, never ignored."""
+    with pytest.raises(ConfigError, match=message):
+        toy(*argv)
+
+
+def test_real_config_presets_and_overrides():
+    """The same on train.Config: tiny is exactly its preset, overrides land on the right fields
+    (the "--vit_cls False" trap included), and the error for a typo lists every valid key."""
+    tiny = parse_flags(Config, ["--config=tiny"], PRESETS)
+    assert tiny == Config(**PRESETS["tiny"]) and tiny.clip_steps == PRESETS["tiny"]["clip_steps"]
+    cfg = parse_flags(Config, ["--config=tiny", "--clip_steps=3", "--vit_cls", "False", "--clip-lr=1e-2",
+                               "--out_dir", "/tmp/x"], PRESETS)
+    assert asdict(cfg) == {**asdict(tiny), "clip_steps": 3, "vit_cls": False, "clip_lr": 0.01, "out_dir": "/tmp/x"}
+    assert parse_flags(Config, [], PRESETS) == Config()   # the first preset, "cpu", is the dataclass defaults
+    with pytest.raises(ConfigError, match=r"--clip_steps expects int, got 'abc'"):
+        parse_flags(Config, ["--clip_steps=abc"], PRESETS)
+    with pytest.raises(ConfigError) as e:
+        parse_flags(Config, ["--clip_stepz=3"], PRESETS)
+    assert all(f"--{k}" in str(e.value) for k in asdict(Config()))   # every valid key is listed
+
+
+def test_bare_unknown_flag_lists_the_valid_keys():
+    with pytest.raises(ConfigError, match=r"unknown flag --bogus; valid: --config, --flag"):
+        toy("--bogus")
+
+
+def test_bare_hyphenated_boolean():
+    assert parse_flags(Config, ["--vit_cls=false", "--vit-cls"], PRESETS).vit_cls is True
+
+
+def test_bogus_flag_on_the_command_line_is_one_line_and_exit_code_2():
+    """A user mistake on the command line is one 'error:' line and exit code 2, no traceback."""
+    r = subprocess.run([sys.executable, "train.py", "--bogus"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--bogus" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+# ----------------------------------------------------------------------------- LR schedule and optimizer
+
+
+def test_lr_schedule_by_hand():
+    cfg = SimpleNamespace(warmup_frac=0.1, min_lr_frac=0.1)
+    steps = 100                                   # warmup = 10 steps
+    lr = [train.lr_at(s, steps, cfg) for s in range(steps)]
+    # linear warmup 1/10, 2/10, ..., 10/10
+    assert lr[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    # cosine from 1 at the end of warmup, through the midpoint value, down to min_lr_frac
+    assert lr[10] == pytest.approx(1.0)
+    assert lr[55] == pytest.approx(0.1 + 0.9 * 0.5)                       # progress 45/90 = 1/2
+    assert lr[40] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 3)))   # progress 30/90
+    assert train.lr_at(steps, steps, cfg) == pytest.approx(0.1)           # the curve ends at min_lr_frac
+    assert lr[-1] == pytest.approx(0.1, abs=1e-3) and lr[-1] > 0.1
+    assert all(a > b for a, b in zip(lr[10:], lr[11:]))                   # strictly decaying after warmup
+    assert min(lr) >= 0.1 - 1e-12 and max(lr) == pytest.approx(1.0)
+    # no warmup asked for: still one step of it (never a zero LR), then the cosine
+    assert train.lr_at(0, 10, SimpleNamespace(warmup_frac=0.0, min_lr_frac=0.0)) == 1.0
+
+
+def test_optimizer_decays_only_matrices_and_keeps_per_module_lrs():
+    torch.manual_seed(0)
+    a = torch.nn.ModuleDict({"lin": torch.nn.Linear(4, 3), "norm": torch.nn.LayerNorm(3),
+                             "emb": torch.nn.Embedding(5, 3)})
+    b = torch.nn.ModuleDict({"lin": torch.nn.Linear(3, 2)})
+    temperature = torch.nn.Parameter(torch.tensor(2.0))                   # 0-D, like CLIP's logit scale
+    frozen = torch.nn.Parameter(torch.ones(2, 2), requires_grad=False)
+    cfg = SimpleNamespace(weight_decay=0.5)
+    opt = train.make_optimizer([(list(a.parameters()) + [temperature, frozen], 0.1), (b.parameters(), 0.01)],
+                               cfg, "cpu")
+    ids = lambda ps: {id(p) for p in ps}
+    groups = [(ids(g["params"]), g["lr"], g["weight_decay"]) for g in opt.param_groups]
+    assert groups == [
+        (ids([a.lin.weight, a.emb.weight]), 0.1, 0.5),                         # >= 2-D: decayed
+        (ids([a.lin.bias, a.norm.weight, a.norm.bias, temperature]), 0.1, 0.0),  # biases, norms, scalars: not
+        (ids([b.lin.weight]), 0.01, 0.5),
+        (ids([b.lin.bias]), 0.01, 0.0),
+    ]                                                                          # the frozen one is in no group
+    assert [g["peak_lr"] for g in opt.param_groups] == [0.1, 0.1, 0.01, 0.01]
+    # behaviour, not bookkeeping: with zero gradients one AdamW step only applies decoupled
+    # weight decay, p <- p * (1 - lr * wd), to the decayed group and leaves the others alone
+    params = [p for g in opt.param_groups for p in g["params"]]
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for g in opt.param_groups:
+        for p in g["params"]:
+            p0 = before[[id(q) for q in params].index(id(p))]
+            torch.testing.assert_close(p.detach(), p0 * (1 - g["lr"] * g["weight_decay"]))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+SIDE_EFFECTS = []
+
+
+def _side_effect(tag):
+    SIDE_EFFECTS.append(tag)
+    return tag
+
+
+class Payload:
+    """Unpickling this runs _side_effect: what a malicious checkpoint would do with os.system."""
+
+    def __reduce__(self):
+        return (_side_effect, ("unpickled code ran",))
+
+
+def test_save_checkpoint_replaces_the_file_atomically(tmp_path, monkeypatch):
+    path = str(tmp_path / "stage.pt")
+    train.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "step": 1})
+    train.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "step": 2})
+    assert os.listdir(tmp_path) == ["stage.pt"]                # replaced in place, no .tmp left
+    assert torch.equal(train.load_checkpoint(path)["model"]["w"], torch.ones(3))
+
+    def crash(obj, f, *a, **k):                                # dies half way through writing
+        Path(f).write_bytes(b"PK\x03\x04 half a zip file")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        train.save_checkpoint(path, {"model": {"w": torch.full((3,), 7.0)}, "step": 3})
+    assert train.load_checkpoint(path)["step"] == 2            # the previous checkpoint is whole
+
+
+def test_load_checkpoint_refuses_pickled_code_and_broken_files(tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "extra": Payload()}, evil)
+    with pytest.raises(ConfigError, match=re.escape(str(evil))) as e:
+        train.load_checkpoint(str(evil))
+    assert "\n" not in str(e.value) and SIDE_EFFECTS == []      # refused, and nothing ran
+    torch.load(evil, weights_only=False)                        # the file really is dangerous:
+    assert SIDE_EFFECTS == ["unpickled code ran"]               # a plain load runs its code
+
+    good = tmp_path / "good.pt"
+    train.save_checkpoint(str(good), {"model": {"w": torch.randn(64, 64)}})
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    for path in (truncated, empty):
+        with pytest.raises(ConfigError, match=re.escape(str(path)) + ": cannot load checkpoint"):
+            train.load_checkpoint(str(path))
+    with pytest.raises(ConfigError, match="no such checkpoint"):
+        train.load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+# ----------------------------------------------------------------------------- batches and labels
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The tiny config with a context long enough that no conversation is cut, and its tokenizer."""
+    out = tmp_path_factory.mktemp("world")
+    cfg = parse_flags(Config, ["--config=tiny", "--out_dir", str(out), "--max_seq_len=1024"], PRESETS)
+    return cfg, train.get_tokenizer(cfg)
+
+
+def rows(batch):
+    """Each row's real tokens and labels (right padding removed)."""
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        n = int(mask.sum())
+        assert bool(mask[:n].all()), "training batches are right-padded"
+        yield ids[:n].tolist(), labels[:n].tolist()
+
+
+def turns(tok, ids):
+    """Parse the token stream without data.encode_chat: [(role, start, end)] for every turn,
+    with [start, end) the body after the '<|im_start|>role\\n' header, <|im_end|> included."""
+    out, t = [], 0
+    headers = {role: [tok.im_start_id] + tok.encode(role + "\n") for role in ("user", "assistant")}
+    while t < len(ids):
+        role = next((r for r, h in headers.items() if ids[t:t + len(h)] == h), None)
+        if role is None:
+            t += 1
+            continue
+        start = t + len(headers[role])
+        end = ids.index(tok.im_end_id, start) + 1
+        out.append((role, start, end))
+        t = end
+    return out
+
+
+def check_labels_are_exactly_the_answers(tok, ids, labels):
+    """Labels equal the ids on every assistant body (answer + <|im_end|>), -100 elsewhere.
+    Returns [(question, answer)] decoded from the row."""
+    parsed = turns(tok, ids)
+    assert [r for r, _, _ in parsed] == ["user", "assistant"] * (len(parsed) // 2) and parsed
+    expected = [-100] * len(ids)
+    for role, s, e in parsed:
+        if role == "assistant":
+            expected[s:e] = ids[s:e]
+            assert ids[e - 1] == tok.im_end_id and e - 1 > s     # a non-empty answer, then <|im_end|>
+    assert labels == expected
+    text = lambda s, e: tok.decode([i for i in ids[s:e - 1] if i != tok.image_id])
+    return [(text(*q[1:]).strip(), text(*a[1:])) for q, a in zip(parsed[::2], parsed[1::2])]
+
+
+def scene_of(cfg, stage, step, i):
+    index, _ = train.scene_rng(cfg, stage, step, 0, i)
+    return shapes.make_scene("train", index, train.world_config(cfg))
+
+
+def test_align_labels_are_the_caption_of_the_sample_own_image(world):
+    cfg, tok = world
+    n_img = 16
+    batch = train.vlm_batch(cfg, tok, "align", 3, 0, n_img, 6)
+    for i, (ids, labels) in enumerate(rows(batch)):
+        ((question, caption),) = check_labels_are_exactly_the_answers(tok, ids, labels)
+        assert question in evaluate.CAPTION_PROMPTS
+        assert ids.count(tok.image_id) == n_img
+        scene = scene_of(cfg, "align", 3, i)
+        # the labelled caption names exactly this sample's objects, and its image is this scene
+        assert evaluate.caption_correct(caption, scene), (caption, scene)
+        assert torch.equal(batch["images"][i], data.preprocess(shapes.render(scene), cfg.image_size))
+
+
+def test_instruct_labels_are_answers_about_the_sample_own_image(world):
+    cfg, tok = world
+    n_img = 16
+    batch = train.vlm_batch(cfg, tok, "instruct", 0, 0, n_img, 8)
+    checked = 0
+    for i, (ids, labels) in enumerate(rows(batch)):
+        qa = check_labels_are_exactly_the_answers(tok, ids, labels)
+        parsed = turns(tok, ids)
+        image_turns = [ids[s:e].count(tok.image_id) for _, s, e in parsed]
+        assert image_turns == [n_img] + [0] * (len(parsed) - 1)      # the image is in the first user turn only
+        scene = scene_of(cfg, "instruct", 0, i)
+        assert torch.equal(batch["images"][i], data.preprocess(shapes.render(scene), cfg.image_size))
+        present = {(o.colour, o.shape) for o in scene.objects}
+        for question, answer in qa:
+            assert answer and "<|" not in answer
+            # answers that can be re-derived from the scene by hand
+            if question in ("How many shapes are there?", "How many objects are in the image?", "Count the shapes."):
+                assert answer == str(len(scene.objects)), (question, answer)
+                checked += 1
+            m = re.fullmatch(r"(?:Is there|Does the image contain|Can you see) an? (\w+) (\w+)(?: in the image)?\?", question)
+            if m:
+                assert answer == ("yes" if (m[1], m[2]) in present else "no"), (question, answer, present)
+                checked += 1
+    assert checked >= 8   # not vacuous: at least one POPE-style probe per row, plus counts
+
+
+def test_lm_batch_labels_every_token_and_has_no_image(world):
+    """lm is plain language modelling: every real token is a target, padding none, no image."""
+    cfg, tok = world
+    batch = train.vlm_batch(cfg, tok, "lm", 0, 0, 16, 6)
+    assert batch["images"] is None and not bool((batch["input_ids"] == tok.image_id).any())
+    mask = batch["attention_mask"].bool()
+    assert torch.equal(batch["labels"], torch.where(mask, batch["input_ids"], torch.full_like(mask, -100, dtype=torch.long)))
+    assert bool((~mask).any())   # there is padding, and it carries no label
+
+
+def test_a_cut_conversation_ends_at_a_turn_boundary(world):
+    cfg, tok = world
+    cfg = parse_flags(Config, ["--config=tiny", "--out_dir", cfg.out_dir, "--max_seq_len=100"], PRESETS)
+    batch = train.vlm_batch(cfg, tok, "instruct", 0, 0, 16, 8)
+    assert int(batch["attention_mask"].sum(1).max()) <= cfg.max_seq_len
+    for ids, labels in rows(batch):
+        assert ids[-1 - len(tok.encode("\n")):] == [tok.im_end_id] + tok.encode("\n")
+        check_labels_are_exactly_the_answers(tok, ids, labels)
+
+
+# ----------------------------------------------------------------------------- one short run of every stage
+
+# tiny, with lm_steps 40 -> 60 and instruct lr 1e-3 -> 3e-3 so that both stages halve their
+# loss on fresh data (measured: lm 5.76 -> 2.51, ratio 0.44; instruct 3.39 -> 1.27, ratio 0.37),
+# and evaluation sets cut to a few items each (the figures only need to exist here)
+RUN_FLAGS = ["--lm_steps=60", "--instruct_lr=3e-3", "--instruct_projector_lr=3e-3", "--eval_clip_scenes=30",
+             "--eval_retrieval=10", "--eval_questions=14", "--eval_pope=4", "--eval_grounding=2",
+             "--eval_captions=2", "--log_every=1000"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """train.main on the tiny config, all four stages, recording what each train_loop saw."""
+    out = tmp_path_factory.mktemp("tiny_run")
+    seen = {}
+    train_loop = train.train_loop
+
+    def recording_train_loop(name, model, *args, **kwargs):
+        losses = train_loop(name, model, *args, **kwargs)
+        seen[name] = {"losses": losses,
+                      "trained": {n for n, p in model.named_parameters() if p.requires_grad},
+                      "frozen_grads": [p.grad for p in model.parameters() if not p.requires_grad],
+                      "n_params": len(list(model.named_parameters()))}
+        return losses
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "train_loop", recording_train_loop)
+        train.main(["--config=tiny", "--out_dir", str(out), *RUN_FLAGS])
+    return SimpleNamespace(out=out, seen=seen, cfg=parse_flags(Config, ["--config=tiny", *RUN_FLAGS], PRESETS))
+
+
+def test_metrics_json_has_every_figure_as_a_number(tiny_run):
+    """metrics.json after `train.py --config=tiny` holds every figure DESIGN.md names, each a
+    finite number, fractions in [0, 1], timings positive and consistent with the total."""
+    metrics = json.loads((tiny_run.out / "metrics.json").read_text())
+    required = (["vqa_acc", "grounding_acc", "caption_acc", "total_seconds"]
+                + [f"vqa_acc_{t}" for t in ("colour", "shape", "size", "count", "position", "existence", "relation")]
+                + [f"pope_{k}_{m}" for k in ("random", "popular", "adversarial") for m in ("acc", "f1", "yes_ratio")]
+                + ["clip_zero_shot_acc", "clip_retrieval_r1", "clip_retrieval_r5", "clip_zero_shot_colour_acc",
+                   "clip_zero_shot_shape_acc", "clip_linear_probe_acc"]
+                + [f"{s}_train_seconds" for s in train.STAGES])
+    assert not set(required) - set(metrics)
+    for key, value in metrics.items():
+        assert type(value) in (int, float) and math.isfinite(value), (key, value)
+        if re.search(r"_(acc|f1|yes_ratio|precision|recall|r1|r5)(_|$)", key):
+            assert 0.0 <= value <= 1.0, (key, value)
+        if key.endswith("_seconds"):
+            assert value > 0.0, key
+    assert metrics["total_seconds"] >= sum(metrics[f"{s}_train_seconds"] for s in train.STAGES)
+    assert sorted(os.listdir(tiny_run.out)) == ["align.pt", "clip.pt", "instruct.pt", "lm.pt", "metrics.json"]
+
+
+def test_lm_and_instruct_halve_their_loss_on_fresh_batches(tiny_run):
+    # every step draws new scenes, so this is learning, not memorising one batch
+    for stage in ("lm", "instruct"):
+        losses = tiny_run.seen[stage]["losses"]
+        assert len(losses) == getattr(tiny_run.cfg, f"{stage}_steps")
+        assert sum(losses[-5:]) / 5 < 0.5 * losses[0], (stage, losses[0], losses[-5:])
+
+
+def test_align_lowers_its_loss_with_the_projector_alone(tiny_run):
+    # The frozen text-only tiny LLM barely attends to the image slots, so the projector alone
+    # cannot halve the caption loss at this size (measured: 3.18 -> 3.12 in 30 steps; on one fixed
+    # batch the curve is the same at 15x the LR); this only pins that the loss goes down, not up.
+    losses = tiny_run.seen["align"]["losses"]
+    assert len(losses) == tiny_run.cfg.align_steps
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.02, losses
+
+
+def test_frozen_towers_get_no_gradient_and_do_not_change(tiny_run):
+    seen = tiny_run.seen
+    prefixes = lambda names: {n.split(".")[0] for n in names}
+    assert prefixes(seen["align"]["trained"]) == {"projector"}
+    assert prefixes(seen["instruct"]["trained"]) == {"projector", "llm"}
+    assert prefixes(seen["lm"]["trained"]) == {"llm"}
+    for stage in ("lm", "align", "instruct"):
+        assert seen[stage]["frozen_grads"] and all(g is None for g in seen[stage]["frozen_grads"]), stage
+    ckpt = {s: train.load_checkpoint(str(tiny_run.out / f"{s}.pt"))["model"] for s in train.STAGES}
+    vision = {k[len("visual."):]: v for k, v in ckpt["clip"].items() if k.startswith("visual.")}
+    for stage in ("align", "instruct"):  # the ViT is clip's, bit for bit, after both LLaVA stages
+        got = {k[len("vision."):]: v for k, v in ckpt[stage].items() if k.startswith("vision.")}
+        assert got.keys() == vision.keys() and all(torch.equal(got[k], vision[k]) for k in vision), stage
+    llm_align = {k[len("llm."):]: v for k, v in ckpt["align"].items() if k.startswith("llm.")}
+    assert llm_align.keys() == ckpt["lm"].keys()
+    assert all(torch.equal(llm_align[k], ckpt["lm"][k]) for k in llm_align)        # align froze the LLM
+    # ... and the parts that were trained did change
+    assert not torch.equal(ckpt["instruct"]["llm.tok_emb.weight"], ckpt["align"]["llm.tok_emb.weight"])
+    proj = [k for k in ckpt["align"] if k.startswith("projector.")]
+    assert proj and not all(torch.equal(ckpt["instruct"][k], ckpt["align"][k]) for k in proj)
+
+
+def test_checkpoints_rebuild_the_model_from_their_own_config(tiny_run):
+    """A stage checkpoint is self-contained: its config and tokenizer rebuild a model that
+    loads its weights strictly, and every stage saved the same tokenizer."""
+    ckpt = train.load_checkpoint(str(tiny_run.out / "instruct.pt"))
+    cfg = Config(**ckpt["config"])
+    tok = data.Tokenizer.from_state(ckpt["tokenizer"])
+    model = VLM(train.vlm_config(cfg, tok))
+    model.load_state_dict(ckpt["model"])             # strict: every key, every shape
+    assert ckpt["stage"] == "instruct" and cfg.lm_steps == 60 and cfg.out_dir == str(tiny_run.out)
+    # all stages share the tokenizer trained once at the start
+    for stage in ("clip", "lm", "align"):
+        other = data.Tokenizer.from_state(train.load_checkpoint(str(tiny_run.out / f"{stage}.pt"))["tokenizer"])
+        assert other.ranks == tok.ranks
+
+
+# ----------------------------------------------------------------------------- stages that must learn
+
+
+def recording(monkeypatch):
+    """Patch train.train_loop to keep each stage's losses; no evaluation afterwards."""
+    seen = {}
+    train_loop = train.train_loop
+    monkeypatch.setattr(train, "train_loop", lambda name, *a, **k: seen.setdefault(name, train_loop(name, *a, **k)))
+    monkeypatch.setattr(evaluate, "evaluate_clip", lambda *a, **k: {})
+    monkeypatch.setattr(evaluate, "evaluate_vlm", lambda *a, **k: {})
+    return seen
+
+
+def test_clip_stage_overfits_one_batch(tmp_path, monkeypatch):
+    # On fresh batches the tiny CLIP sits at the collapsed value ln(B) for its whole 40 steps
+    # (all image embeddings start with pairwise cosine ~0.999), so this checks that the stage
+    # can learn at all: one fixed batch of 8 pairs, 80 steps, loss from ln 8 = 2.08 to below
+    # half of that (measured: 2.26 -> 0.63, mean of the last 5). A collapsed model stays at ln 8.
+    cfg = parse_flags(Config, ["--config=tiny", "--out_dir", str(tmp_path), "--clip_batch_size=8",
+                               "--clip_steps=80", "--log_every=1000"], PRESETS)
+    tok = train.get_tokenizer(cfg)
+    clip_batch = train.clip_batch
+    monkeypatch.setattr(train, "clip_batch", lambda cfg, tok, step, micro: clip_batch(cfg, tok, 0, 0))
+    seen = recording(monkeypatch)
+    torch.manual_seed(0)
+    train.stage_clip(cfg, tok, "cpu", torch.float32)
+    losses = seen["clip"]
+    assert losses[0] == pytest.approx(math.log(8), abs=0.5)
+    assert sum(losses[-5:]) / 5 < 0.5 * math.log(8), losses[::10]
+
+
+def test_instruct_stage_learns_to_read_the_image(tmp_path, monkeypatch):
+    """The instruct stage (its batches, the image/sample pairing, the trained projector + LLM and
+    the frozen ViT) learns an answer that only the image holds: "What colour is the <shape>?"
+    about one-object scenes. Afterwards the loss on test scenes must be far lower with each
+    sample's own image than with a blank image or with another sample's image.
+
+    Why not the tiny pipeline itself: after all four tiny stages the instruct loss is the same
+    to 4 decimals with real, blank and shuffled images (measured 1.2917 / 1.2917 / 1.2916;
+    still equal after 600 instruct steps at 3e-3, 95 s), and with the default pixel_shuffle
+    projector even this one-question task is not learned in 150 steps (0.361 / 0.361). The
+    mlp projector from a fresh ViT learns it in 120 steps (measured over seeds 0, 1, 2: real
+    0.19 / 0.17 / 0.22, blank 0.41 / 0.61 / 0.48, shuffled 0.62 / 0.71 / 0.69)."""
+    cfg = parse_flags(Config, ["--config=tiny", "--out_dir", str(tmp_path), "--max_objects=1", "--projector=mlp",
+                               "--instruct_steps=120", "--instruct_lr=3e-3", "--instruct_projector_lr=3e-3",
+                               "--log_every=1000"], PRESETS)
+    tok = train.get_tokenizer(cfg)
+    torch.manual_seed(cfg.seed)
+    start = VLM(train.vlm_config(cfg, tok))   # what align would hand over: here a fresh model
+    train.save_checkpoint(str(tmp_path / "align.pt"), {"model": start.state_dict(), "tokenizer": tok.state()})
+
+    def colour_question(scene, rng, *n_turns):
+        (obj,) = scene.objects
+        return [(f"What colour is the {obj.shape}?", obj.colour)]
+    monkeypatch.setattr(train, "instruct_turns", colour_question)
+    seen = recording(monkeypatch)
+    model, _ = train.stage_vlm("instruct", cfg, tok, "cpu", torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(model.vision.state_dict().values(), start.vision.state_dict().values()))
+
+    batch = train.vlm_batch(cfg, tok, "instruct", 0, 0, model.num_image_tokens, 64, split="test")
+    with torch.no_grad():
+        loss = lambda images: model(batch["input_ids"], images, batch["attention_mask"], batch["labels"])[1].item()
+        real, blank, shuffled = loss(batch["images"]), loss(torch.ones_like(batch["images"])), loss(batch["images"].roll(1, 0))
+    assert real < 0.7 * blank and real < 0.7 * shuffled, (real, blank, shuffled)
+    assert seen["instruct"][-1] < 0.5 * seen["instruct"][0]
