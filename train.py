@@ -74,25 +74,25 @@ class Config:
     clip_single_object_prob: float = 0.5  # share of single-object scenes: shape must be seen alone too
     clip_hard_negative_prob: float = 0.0  # share of scenes that bring a twin with one shape changed
     # decoder LLM
-    llm_dim: int = 256
+    llm_dim: int = 192
     llm_layers: int = 4
     llm_heads: int = 4
     llm_kv_heads: int = 4
-    llm_ffn_hidden: int = 683
+    llm_ffn_hidden: int = 512
     max_seq_len: int = 256
     # stage lm
-    lm_steps: int = 300
+    lm_steps: int = 60
     lm_batch_size: int = 32
     lm_lr: float = 2e-3
     # VLM: how vision meets language
-    projector: str = "pixel_shuffle"      # linear | mlp | pixel_shuffle
+    projector: str = "mlp"                # linear | mlp | pixel_shuffle
     vision_layer: int = -1                # which ViT block's hidden states feed the projector
     # stage align (LLaVA stage 1)
-    align_steps: int = 200
+    align_steps: int = 100
     align_batch_size: int = 32
     align_lr: float = 2e-3
     # stage instruct (LLaVA stage 2): per-module learning rates
-    instruct_steps: int = 800
+    instruct_steps: int = 250
     instruct_batch_size: int = 32
     instruct_lr: float = 1e-3             # the LLM
     instruct_projector_lr: float = 2e-3   # the projector
