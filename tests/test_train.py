@@ -527,3 +527,18 @@ def test_instruct_stage_learns_to_read_the_image(tmp_path, monkeypatch):
         real, blank, shuffled = loss(batch["images"]), loss(torch.ones_like(batch["images"])), loss(batch["images"].roll(1, 0))
     assert real < 0.7 * blank and real < 0.7 * shuffled, (real, blank, shuffled)
     assert seen["instruct"][-1] < 0.5 * seen["instruct"][0]
+
+
+def test_short_clip_run_learns_colour_zero_shot(tmp_path):
+    """Issue 2's learning check for CLIP on the real shapes world: 200 steps of a small CLIP
+    (ViT 64 wide x 2, single-object scenes) must classify colour zero-shot on 100 held-out
+    scenes far above chance (1/6). Measured: 0.53 in 14 s; a model that learned nothing
+    scores about 0.17, and 35 or more right out of 100 at p = 1/6 has probability < 1e-5."""
+    cfg = parse_flags(Config, ["--config=tiny", "--out_dir", str(tmp_path), "--clip_steps=200",
+                               "--clip_single_object_prob=1", "--vit_width=64", "--vit_heads=2",
+                               "--text_width=64", "--embed_dim=64", "--clip_batch_size=32",
+                               "--log_every=1000"], PRESETS)
+    tok = train.get_tokenizer(cfg)
+    torch.manual_seed(cfg.seed)
+    _, metrics = train.stage_clip(cfg, tok, "cpu", torch.float32)
+    assert metrics["clip_zero_shot_colour_acc"] >= 0.35, metrics
