@@ -1,0 +1,107 @@
+"""generate.py: the command line around a checkpoint. A small untrained VLM is enough to
+check the plumbing (loading from the checkpoint's own config, images from disk, chat
+history, error handling); whether answers are right is train.py's and evaluate.py's test."""
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import evaluate
+import generate
+import shapes
+import train
+from model import VLM
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """An instruct.pt written the way train.py writes it, for a tiny config that differs
+    from the defaults (so loading must use the checkpoint's config, not Config())."""
+    out = tmp_path_factory.mktemp("gen")
+    cfg = train.parse_flags(train.Config, ["--config=tiny", "--out_dir", str(out), "--llm_dim=48",
+                                           "--llm_ffn_hidden=128"], train.PRESETS)
+    tok = train.get_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = VLM(train.vlm_config(cfg, tok))
+    for p in model.llm.parameters():  # larger weights: varied tokens instead of one repeated id
+        p.data.normal_(0, 0.3)
+    train.save_checkpoint(str(out / "instruct.pt"), {"stage": "instruct", "config": vars(cfg).copy(),
+                                                     "model": model.state_dict(), "tokenizer": tok.state()})
+    return out
+
+
+def run(*args, stdin=""):
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *args], input=stdin, text=True,
+                          capture_output=True, cwd=ROOT, timeout=120)
+
+
+def test_answer_from_a_png_on_disk_equals_the_in_memory_answer(ckpt, tmp_path):
+    """The PNG written by --save_scene, read back through data.load_image, gives exactly the
+    tokens the evaluation path gives for the rendered scene in memory (PNG is lossless)."""
+    png = tmp_path / "scene.png"
+    saved = run("--save_scene=3", f"--scene_file={png}")
+    assert saved.returncode == 0 and png.is_file(), saved.stderr
+    asked = run("--image", str(png), "--prompt", "What colour is the circle?", "--out_dir", str(ckpt),
+                "--max_new_tokens=8")
+    assert asked.returncode == 0, asked.stderr
+    model, tok, cfg = generate.load_vlm(str(ckpt / "instruct.pt"))
+    scene = shapes.make_scene("test", 3, shapes.WorldConfig())
+    expected = evaluate.answer_batch(model, tok, [shapes.render(scene)],
+                                     [evaluate.question("What colour is the circle?")], cfg.image_size, "cpu", 8)
+    assert asked.stdout.strip() == expected[0].strip()
+    assert model.cfg.llm.dim == 48  # rebuilt from the checkpoint's config, not the defaults
+
+
+def test_chat_keeps_the_history(ckpt, tmp_path):
+    """--chat answers one line per question; the second answer is conditioned on the first
+    turn, so it equals answering the full two-turn conversation directly."""
+    png = tmp_path / "scene.png"
+    shapes.render(shapes.make_scene("test", 5, shapes.WorldConfig())).save(png)
+    chat = run("--image", str(png), "--chat", "--out_dir", str(ckpt), "--max_new_tokens=6",
+               stdin="How many shapes are there?\nWhat colour is the square?\n\n")
+    assert chat.returncode == 0, chat.stderr
+    lines = chat.stdout.strip("\n").split("\n")
+    assert len(lines) == 2
+    model, tok, cfg = generate.load_vlm(str(ckpt / "instruct.pt"))
+    image = shapes.render(shapes.make_scene("test", 5, shapes.WorldConfig()))
+    history = [{"role": "user", "content": "<image>\nHow many shapes are there?"},
+               {"role": "assistant", "content": lines[0].strip()},
+               {"role": "user", "content": "What colour is the square?"}]
+    expected = evaluate.answer_batch(model, tok, [image], [history], cfg.image_size, "cpu", 6)[0]
+    assert lines[1].strip() == expected
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image", "missing.png", "--prompt", "hi"], "missing.png"),
+    (["--image", "IMAGE", "--prompt", "   "], "--prompt is empty"),
+    (["--prompt", "hi"], "--image is required"),
+    (["--image", "IMAGE", "--prompt", "hi", "--temperature=warm"], "--temperature expects float"),
+    (["--image", "IMAGE", "--prompt", "hi", "--bogus=1"], "unknown flag --bogus"),
+    (["--image", "NOTANIMAGE", "--prompt", "hi"], "bad.png: not an image"),
+    (["--image", "IMAGE", "--prompt", "hi", "--ckpt", "NOCKPT"], "no such checkpoint"),
+])
+def test_user_mistakes_are_one_line_and_exit_2(ckpt, tmp_path, args, message):
+    image = tmp_path / "ok.png"
+    shapes.render(shapes.make_scene("test", 0, shapes.WorldConfig())).save(image)
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    args = [a.replace("NOTANIMAGE", str(bad)).replace("IMAGE", str(image)).replace("NOCKPT", str(tmp_path / "x.pt"))
+            for a in args]
+    result = run(*args, "--out_dir", str(ckpt))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error:"), result.stderr
+    assert message in result.stderr
+
+
+def test_a_checkpoint_without_a_vlm_is_refused(ckpt, tmp_path):
+    lm = train.load_checkpoint(str(ckpt / "instruct.pt"))
+    lm["stage"] = "lm"
+    train.save_checkpoint(str(tmp_path / "lm.pt"), lm)
+    with pytest.raises(train.ConfigError, match="holds no VLM"):
+        generate.load_vlm(str(tmp_path / "lm.pt"))
