@@ -127,21 +127,25 @@ def test_scene(cfg, index, n_objects=None):
 
 
 def evaluate_vqa(model, tok, cfg, device):
-    """VQA accuracy per type on eval_questions test questions (types in rotation), and
-    grounding accuracy on eval_grounding box questions."""
-    items, types, answers = [], [], []
-    index = 0
+    """VQA accuracy per type on eval_questions test questions spread evenly over the types,
+    and grounding accuracy on eval_grounding box questions. Each test scene gives one
+    question, of the type with the fewest so far among those the scene allows (a
+    one-object scene has no relation question, so a one-object world scores none)."""
     vqa_types = [t for t in shapes.QUESTION_TYPES if t != "grounding"]
-    while len(items) < cfg.eval_questions + cfg.eval_grounding:
+    quota = {t: cfg.eval_questions // len(vqa_types) + (k < cfg.eval_questions % len(vqa_types))
+             for k, t in enumerate(vqa_types)}
+    quota["grounding"] = cfg.eval_grounding
+    items, types, answers = [], [], []
+    for index in range(50 * sum(quota.values())):  # bounded: a world may lack a type altogether
+        if len(items) == sum(quota.values()):
+            break
         scene, rng = test_scene(cfg, index), random.Random(f"vqa/{index}")
-        index += 1
-        by_type = {t: (q, a) for t, q, a in shapes.questions(scene, rng)}
-        n_vqa = sum(t != "grounding" for t in types)
-        wanted = "grounding" if n_vqa >= cfg.eval_questions else vqa_types[n_vqa % len(vqa_types)]
-        if wanted in by_type and (wanted != "grounding" or n_vqa >= cfg.eval_questions):
-            items.append((scene, by_type[wanted][0]))
-            types.append(wanted)
-            answers.append(by_type[wanted][1])
+        wanted = [(t, q, a) for t, q, a in shapes.questions(scene, rng) if types.count(t) < quota[t]]
+        if wanted:
+            t, q, a = min(wanted, key=lambda tqa: types.count(tqa[0]))
+            items.append((scene, q))
+            types.append(t)
+            answers.append(a)
     predictions = answer_all(model, tok, items, cfg, device)
     metrics, right = {}, Counter()
     for t, p, a, (scene, _) in zip(types, predictions, answers, items):
@@ -155,7 +159,7 @@ def evaluate_vqa(model, tok, cfg, device):
         key = "grounding_acc" if t == "grounding" else f"vqa_acc_{t}"
         metrics[key] = right[t] / counts[t]
     n_vqa = sum(counts[t] for t in vqa_types)
-    metrics["vqa_acc"] = sum(right[t] for t in vqa_types) / n_vqa
+    metrics["vqa_acc"] = sum(right[t] for t in vqa_types) / max(1, n_vqa)
     return metrics
 
 

@@ -96,6 +96,7 @@ class Config:
     instruct_batch_size: int = 32
     instruct_lr: float = 1e-3             # the LLM
     instruct_projector_lr: float = 2e-3   # the projector
+    instruct_vision_lr: float = 0.0       # the ViT: 0 keeps it frozen, as LLaVA does
     instruct_turns: int = 4               # questions per conversation: answers per image per forward pass
     # optimisation, shared by every stage
     warmup_frac: float = 0.05
@@ -479,6 +480,8 @@ def stage_vlm(stage, cfg, tok, device, dtype):
     else:
         groups = [(list(model.llm.parameters()), cfg.instruct_lr),
                   (list(model.projector.parameters()), cfg.instruct_projector_lr)]
+        if cfg.instruct_vision_lr > 0:  # LLaVA keeps the ViT frozen; later VLMs often tune it too
+            groups.append((list(model.vision.parameters()), cfg.instruct_vision_lr))
         steps, bs = cfg.instruct_steps, cfg.instruct_batch_size
     trained = {id(p) for params, _ in groups for p in params}
     for p in model.parameters():  # frozen towers get no gradient at all

@@ -322,3 +322,15 @@ def test_answer_all_keeps_items_images_and_answers_in_order():
                 for s, q in zip(scenes, questions)]
     assert answers == expected    # stripped, in item order, each with its own image
     assert model.calls == [(4, 5), (3, 5)]   # eval_batch_size chunks, max_new_tokens passed on
+
+
+def test_vqa_set_of_a_one_object_world_ends_without_relation_questions(monkeypatch, gold):
+    """A world of one-object scenes has no relation questions: the test set is still built
+    (it used to loop forever waiting for one), from the other types, and scores no relation."""
+    cfg = SimpleNamespace(**{**vars(EVAL_CFG), "max_objects": 1})
+    calls = []
+    stub_answerer(monkeypatch, lambda s, q: gold[shapes.scene_signature(s), q][1], calls)
+    m = evaluate.evaluate_vqa(None, None, cfg, "cpu")
+    assert "vqa_acc_relation" not in m and m["vqa_acc"] == 1.0
+    (items,) = calls
+    assert all(len(s.objects) == 1 for s, _ in items)
