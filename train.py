@@ -310,8 +310,10 @@ def world_config(cfg):
 
 
 def scene_rng(cfg, stage, step, micro, i):
-    """Sample i of a micro-batch draws its scene and its text from its own seeded RNG."""
-    index = ((step * cfg.grad_accum + micro) * 4096 + i)
+    """Sample i of a micro-batch draws its scene and its text from its own seeded RNG, so a
+    batch is a pure function of (stage, step, micro): runs are reproducible and resumable.
+    Micro-batches are 4096 indices apart, more than any batch holds, so none share a scene."""
+    index = (step * cfg.grad_accum + micro) * 4096 + i
     return index, random.Random(f"{cfg.seed}/{stage}/{index}")
 
 
