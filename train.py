@@ -92,8 +92,8 @@ class Config:
     align_batch_size: int = 32
     align_lr: float = 2e-3
     # stage instruct (LLaVA stage 2): per-module learning rates
-    instruct_steps: int = 250
-    instruct_batch_size: int = 32
+    instruct_steps: int = 500
+    instruct_batch_size: int = 16
     instruct_lr: float = 1e-3             # the LLM
     instruct_projector_lr: float = 2e-3   # the projector
     instruct_vision_lr: float = 0.0       # the ViT: 0 keeps it frozen, as LLaVA does
@@ -454,10 +454,13 @@ def build_vlm(cfg, tok, stage, device):
 
 
 def load_weights(module, state, name):
+    """Strict loading: a checkpoint from another config is one clear line, not a traceback."""
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
-        raise ConfigError(f"{name} was written by another config ({str(e).splitlines()[1].strip()[:160]})") from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0] if lines else "shapes differ"
+        raise ConfigError(f"{name} was written by another config ({detail[:160]})") from None
 
 
 # -----------------------------------------------------------------------------
