@@ -63,6 +63,16 @@ def load_vlm(path, device="cpu"):
     return model.to(device).eval(), tok, cfg
 
 
+def check_length(messages, model, tok, cfg, gen):
+    """A conversation that does not fit the model's context is refused with a clear message
+    (never cut silently: which part to drop is the user's choice)."""
+    n = len(data.encode_prompt(tok, messages, model.num_image_tokens))
+    room = cfg.max_seq_len - gen.max_new_tokens + 1
+    if n > room:
+        raise train.ConfigError(f"the conversation is {n} tokens, but with --max_new_tokens={gen.max_new_tokens} "
+                                f"the model's context of {cfg.max_seq_len} tokens leaves room for {room}")
+
+
 def save_scene(gen):
     world = shapes.WorldConfig()
     scene = shapes.make_scene("test", gen.save_scene, world)
@@ -94,6 +104,7 @@ def main(argv):
             break
         first = not messages
         messages.append({"role": "user", "content": f"{data.IMAGE_MARKER}\n{text}" if first else text})
+        check_length(messages, model, tok, cfg, gen)
         answer = evaluate.answer_batch(model, tok, [image], [messages], cfg.image_size, device,
                                        gen.max_new_tokens, **sampling)[0]
         messages.append({"role": "assistant", "content": answer})

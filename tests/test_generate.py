@@ -85,6 +85,7 @@ def test_chat_keeps_the_history(ckpt, tmp_path):
     (["--image", "IMAGE", "--prompt", "hi", "--bogus=1"], "unknown flag --bogus"),
     (["--image", "NOTANIMAGE", "--prompt", "hi"], "bad.png: not an image"),
     (["--image", "IMAGE", "--prompt", "hi", "--ckpt", "NOCKPT"], "no such checkpoint"),
+    (["--image", "IMAGE", "--prompt", "why " * 300], "leaves room for"),
 ])
 def test_user_mistakes_are_one_line_and_exit_2(ckpt, tmp_path, args, message):
     image = tmp_path / "ok.png"
