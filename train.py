@@ -467,6 +467,8 @@ def load_weights(module, state, name):
 # the stages
 
 def stage_clip(cfg, tok, device, dtype):
+    """Contrastive pretraining of both towers on image-caption pairs, then zero-shot,
+    retrieval and linear-probe evaluation."""
     model = CLIP(clip_config(cfg, tok), eot_id=tok.eot_id).to(device)
     get_batch = lambda step, micro: clip_batch(cfg, tok, step, micro)
     loss_fn = lambda m, b: m(b["images"], b["ids"])[0]
@@ -476,6 +478,8 @@ def stage_clip(cfg, tok, device, dtype):
 
 
 def stage_vlm(stage, cfg, tok, device, dtype):
+    """lm, align or instruct: the same VLM, the same loop; what differs is which towers
+    train (the rest is frozen), at which learning rates, and on which conversations."""
     model = build_vlm(cfg, tok, stage, device)
     image_tokens = model.num_image_tokens
     if stage == "lm":
@@ -511,6 +515,7 @@ def lm_validation(model, tok, cfg, device):
 
 
 def run_stage(stage, cfg, tok, device, dtype):
+    """Train one stage, write its self-contained checkpoint, return its figures."""
     t0 = time.time()
     model, metrics = stage_clip(cfg, tok, device, dtype) if stage == "clip" else stage_vlm(stage, cfg, tok, device, dtype)
     weights = model.llm.state_dict() if stage == "lm" else model.state_dict()
