@@ -98,6 +98,7 @@ class Config:
     instruct_projector_lr: float = 2e-3   # the projector
     instruct_vision_lr: float = 0.0       # the ViT: 0 keeps it frozen, as LLaVA does
     instruct_turns: int = 4               # questions per conversation: answers per image per forward pass
+    loss_per_answer: bool = False         # align/instruct: each answer weighs the same, not each token
     # optimisation, shared by every stage
     warmup_frac: float = 0.05
     min_lr_frac: float = 0.1
@@ -498,11 +499,30 @@ def stage_vlm(stage, cfg, tok, device, dtype):
     get_batch = lambda step, micro: vlm_batch(cfg, tok, stage, step, micro, image_tokens, bs)
     # Batches are right-padded: under causal attention no real token ever sees a pad, so the
     # model needs no padding mask and SDPA takes its fast causal path (pads carry no label).
-    loss_fn = lambda m, b: m(b["input_ids"], b["images"], labels=b["labels"])[1]
+    if cfg.loss_per_answer and stage != "lm":
+        loss_fn = lambda m, b: per_answer_loss(m(b["input_ids"], b["images"])[0], b["labels"])
+    else:
+        loss_fn = lambda m, b: m(b["input_ids"], b["images"], labels=b["labels"])[1]
     train_loop(stage, model, groups, get_batch, loss_fn, steps, bs, cfg, device, dtype)
     if stage == "lm":
         return model, lm_validation(model, tok, cfg, device)
     return model, evaluate.evaluate_vlm(stage, model, tok, cfg, device)
+
+
+def per_answer_loss(logits, labels):
+    """Cross-entropy where every answer counts once, whatever its length: a 15-token box or
+    a 40-token description would otherwise outweigh a one-word colour answer 15-40 times."""
+    target = F.pad(labels[:, 1:], (0, 1), value=-100)                 # (B, T): position t predicts t+1
+    labelled = target != -100                                         # (B, T)
+    starts = labelled & ~F.pad(labelled[:, :-1], (1, 0), value=False)  # first token of each answer
+    answer = torch.cumsum(starts.flatten(), 0) - 1                    # (B*T,) answer index per token
+    tokens = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100,
+                             reduction="none")                        # (B*T,)
+    n_answers = int(starts.sum())
+    keep = labelled.flatten()
+    per_answer = torch.zeros(n_answers, device=logits.device).index_add_(0, answer[keep], tokens[keep])
+    lengths = torch.zeros(n_answers, device=logits.device).index_add_(0, answer[keep], torch.ones_like(tokens[keep]))
+    return (per_answer / lengths).mean()
 
 
 @torch.no_grad()

@@ -542,3 +542,25 @@ def test_short_clip_run_learns_colour_zero_shot(tmp_path):
     torch.manual_seed(cfg.seed)
     _, metrics = train.stage_clip(cfg, tok, "cpu", torch.float32)
     assert metrics["clip_zero_shot_colour_acc"] >= 0.35, metrics
+
+
+def test_per_answer_loss_weighs_every_answer_once():
+    """--loss_per_answer: the mean over answers of each answer's mean token loss, checked
+    against a loop that finds the answers by hand (runs of labelled targets). A long answer
+    no longer outweighs a short one: with one 1-token and one 3-token answer, the plain
+    token mean weighs them 1:3, this loss 1:1."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 7, 11)
+    labels = torch.tensor([[-100, -100, 4, -100, -100, 5, 6],
+                           [-100, 1, 2, 3, -100, -100, -100]])
+    # position t predicts labels[t + 1]; answers are runs of labelled targets
+    answers = [[(0, 1, 4)], [(0, 4, 5), (0, 5, 6)], [(1, 0, 1), (1, 1, 2), (1, 2, 3)]]
+    per_answer = []
+    for tokens in answers:
+        losses = [-torch.log_softmax(logits[b, t], -1)[y] for b, t, y in tokens]
+        per_answer.append(sum(losses) / len(losses))
+    expected = sum(per_answer) / len(per_answer)
+    assert train.per_answer_loss(logits, labels).item() == pytest.approx(expected.item(), abs=1e-6)
+    # the token mean differs whenever answer lengths differ
+    token_mean = sum(sum(-torch.log_softmax(logits[b, t], -1)[y] for b, t, y in a) for a in answers) / 6
+    assert abs(token_mean.item() - expected.item()) > 1e-3
