@@ -121,9 +121,12 @@ def answer_all(model, tok, items, cfg, device, max_new_tokens=24):
     return answers
 
 
+def world_config(cfg):
+    return shapes.WorldConfig(image_size=cfg.image_size, max_objects=cfg.max_objects, seed=cfg.seed)
+
+
 def test_scene(cfg, index, n_objects=None):
-    world = shapes.WorldConfig(image_size=cfg.image_size, max_objects=cfg.max_objects, seed=cfg.seed)
-    return shapes.make_scene("test", index, world, n_objects=n_objects)
+    return shapes.make_scene("test", index, world_config(cfg), n_objects=n_objects)
 
 
 def evaluate_vqa(model, tok, cfg, device):
@@ -148,7 +151,7 @@ def evaluate_vqa(model, tok, cfg, device):
             answers.append(a)
     predictions = answer_all(model, tok, items, cfg, device)
     metrics, right = {}, Counter()
-    for t, p, a, (scene, _) in zip(types, predictions, answers, items):
+    for t, p, a in zip(types, predictions, answers):
         if t == "grounding":
             box = shapes.text_to_box(p, cfg.image_size)
             right[t] += box is not None and iou(box, shapes.text_to_box(a, cfg.image_size)) >= 0.5
@@ -223,21 +226,21 @@ def evaluate_clip(model, tok, cfg, device):
                                        model.encode_text(clip_lib.tokenize(tok, captions, cfg.context_length).to(device)))
     metrics.update({f"clip_retrieval_r{k}": recall[f"image_to_text_r{k}"] for k in (1, 5)})
     metrics["clip_text_to_image_r1"] = recall["text_to_image_r1"]
-    metrics["clip_linear_probe_acc"] = linear_probe(model, classes, cfg, device)
+    metrics["clip_linear_probe_acc"] = linear_probe(model, classes, image_emb, truth, cfg, device)
     metrics["clip_temperature"] = 1 / model.scale().item()
     return metrics
 
 
-def linear_probe(model, classes, cfg, device):
+def linear_probe(model, classes, test_emb, test_truth, cfg, device):
     """Logistic regression on frozen image features (the CLIP paper's linear-probe protocol):
-    fit on single-object train scenes, score on the same test scenes as zero-shot."""
-    world = shapes.WorldConfig(image_size=cfg.image_size, max_objects=cfg.max_objects, seed=cfg.seed)
-    train_scenes = [shapes.make_scene("train", 500_000 + i, world, n_objects=1) for i in range(2000)]
-    test_scenes = [test_scene(cfg, i, n_objects=1) for i in range(cfg.eval_clip_scenes)]
+    fit on single-object train scenes, score on the zero-shot test scenes (their embeddings
+    and true classes are passed in)."""
+    train_scenes = [shapes.make_scene("train", 500_000 + i, world_config(cfg), n_objects=1) for i in range(2000)]
     label = {c: k for k, c in enumerate(classes)}
-    y = lambda scenes: torch.tensor([label[(s.objects[0].colour, s.objects[0].shape)] for s in scenes])
-    return clip_lib.linear_probe(embed_scenes(model, train_scenes, cfg, device).cpu(), y(train_scenes),
-                                 embed_scenes(model, test_scenes, cfg, device).cpu(), y(test_scenes))
+    train_y = torch.tensor([label[(s.objects[0].colour, s.objects[0].shape)] for s in train_scenes])
+    test_y = torch.tensor([label[t] for t in test_truth])
+    return clip_lib.linear_probe(embed_scenes(model, train_scenes, cfg, device).cpu(), train_y,
+                                 test_emb.cpu(), test_y)
 
 
 # -----------------------------------------------------------------------------

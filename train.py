@@ -306,10 +306,6 @@ def train_loop(name, model, groups, get_batch, loss_fn, steps, batch_size, cfg, 
 # -----------------------------------------------------------------------------
 # data: every batch is built from the shapes world on the fly, a pure function of (stage, step)
 
-def world_config(cfg):
-    return shapes.WorldConfig(image_size=cfg.image_size, max_objects=cfg.max_objects, seed=cfg.seed)
-
-
 def scene_rng(cfg, stage, step, micro, i):
     """Sample i of a micro-batch draws its scene and its text from its own seeded RNG, so a
     batch is a pure function of (stage, step, micro): runs are reproducible and resumable.
@@ -321,7 +317,7 @@ def scene_rng(cfg, stage, step, micro, i):
 def world_texts(cfg):
     """The text the tokenizer and the `lm` stage learn from: captions, questions and
     answers, descriptions and conversations of training scenes."""
-    world, texts = world_config(cfg), []
+    world, texts = evaluate.world_config(cfg), []
     for i in range(cfg.tokenizer_scenes):
         scene, rng = shapes.make_scene("train", i, world), random.Random(i)
         texts.append(shapes.caption(scene, rng))
@@ -351,7 +347,7 @@ def clip_batch(cfg, tok, step, micro):
     """Image-caption pairs. A share of them come as hard-negative twins: the same scene with
     one shape changed and the same caption but for that word, so the batch cannot be
     solved from colour and position alone."""
-    world, scenes, texts = world_config(cfg), [], []
+    world, scenes, texts = evaluate.world_config(cfg), [], []
     while len(scenes) < cfg.clip_batch_size:
         index, rng = scene_rng(cfg, "clip", step, micro, len(scenes))
         n = 1 if rng.random() < cfg.clip_single_object_prob else None
@@ -366,25 +362,25 @@ def clip_batch(cfg, tok, step, micro):
     return {"images": images, "ids": clip_tokenize(tok, texts, cfg.context_length)}
 
 
-def chat_sample(tok, scene, turns, image_tokens, image_size):
-    """One training sample: the scene's image and a conversation with labels on the answers."""
+def chat_ids(tok, turns, with_image, image_tokens):
+    """(ids, labels) of a conversation; the image, if any, comes before the first question."""
     messages = []
     for k, (question, answer) in enumerate(turns):
-        content = f"{data.IMAGE_MARKER}\n{question}" if k == 0 and scene is not None else question
+        content = f"{data.IMAGE_MARKER}\n{question}" if k == 0 and with_image else question
         messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
-    ids, labels = data.encode_chat(tok, messages, image_tokens if scene is not None else [])
-    images = data.preprocess(shapes.render(scene), image_size)[None] if scene is not None else None
-    return {"input_ids": ids, "labels": labels, "images": images}
+    return data.encode_chat(tok, messages, image_tokens if with_image else [])
 
 
 def fit_turns(tok, scene, turns, image_tokens, cfg):
-    """The sample with as many whole turns as fit in max_seq_len: a conversation is cut at a
-    turn boundary (DESIGN.md), never inside an answer; the first turn is always kept."""
-    for n in range(len(turns), 1, -1):
-        sample = chat_sample(tok, scene, turns[:n], image_tokens, cfg.image_size)
-        if len(sample["input_ids"]) <= cfg.max_seq_len:
-            return sample
-    return chat_sample(tok, scene, turns[:1], image_tokens, cfg.image_size)
+    """One training sample: the scene's image (None for text only) and as many whole turns as
+    fit in max_seq_len. A conversation is cut at a turn boundary (DESIGN.md), never inside an
+    answer; the first turn is always kept."""
+    for n in range(len(turns), 0, -1):
+        ids, labels = chat_ids(tok, turns[:n], scene is not None, image_tokens)
+        if len(ids) <= cfg.max_seq_len or n == 1:
+            break
+    images = data.preprocess(shapes.render(scene), cfg.image_size)[None] if scene is not None else None
+    return {"input_ids": ids, "labels": labels, "images": images}
 
 
 def instruct_turns(scene, rng, n_turns):
@@ -402,7 +398,7 @@ def instruct_turns(scene, rng, n_turns):
 def vlm_batch(cfg, tok, stage, step, micro, image_tokens, batch_size, split="train"):
     """lm: text only (conversations without the image); align: image -> caption;
     instruct: multi-turn visual conversations."""
-    world, samples = world_config(cfg), []
+    world, samples = evaluate.world_config(cfg), []
     for i in range(batch_size):
         index, rng = scene_rng(cfg, stage, step, micro, i)
         scene = shapes.make_scene(split, index, world)

@@ -293,7 +293,7 @@ def check_labels_are_exactly_the_answers(tok, ids, labels):
 
 def scene_of(cfg, stage, step, i):
     index, _ = train.scene_rng(cfg, stage, step, 0, i)
-    return shapes.make_scene("train", index, train.world_config(cfg))
+    return shapes.make_scene("train", index, evaluate.world_config(cfg))
 
 
 def test_align_labels_are_the_caption_of_the_sample_own_image(world):
