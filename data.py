@@ -15,6 +15,8 @@ Run the tests: python -m pytest -q tests/test_data.py
 """
 import collections
 import heapq
+import json
+import os
 import warnings
 from pathlib import Path
 
@@ -146,6 +148,24 @@ class Tokenizer:
         return {"ranks": {"token_bytes": torch.tensor(list(b"".join(tokens)), dtype=torch.uint8),
                           "token_lengths": torch.tensor([len(t) for t in tokens], dtype=torch.int64)},
                 "special_tokens": list(SPECIAL_TOKENS)}
+
+    def save(self, path):
+        """A readable tokenizer.json: the tokens in rank order, each byte shown as the one
+        Latin-1 character of the same number (so " circle" reads as itself), written atomically."""
+        tokens = sorted(self.ranks, key=self.ranks.get)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"special_tokens": list(SPECIAL_TOKENS), "tokens": [t.decode("latin-1") for t in tokens]},
+                      f, indent=0)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved.get("special_tokens") != SPECIAL_TOKENS:
+            raise ValueError("its special tokens differ from this data.py's")
+        return cls({t.encode("latin-1"): rank for rank, t in enumerate(saved["tokens"])})
 
     @classmethod
     def from_state(cls, state):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import evaluate
 import generate
@@ -84,16 +85,23 @@ def test_chat_keeps_the_history(ckpt, tmp_path):
     (["--image", "IMAGE", "--prompt", "hi", "--temperature=warm"], "--temperature expects float"),
     (["--image", "IMAGE", "--prompt", "hi", "--bogus=1"], "unknown flag --bogus"),
     (["--image", "NOTANIMAGE", "--prompt", "hi"], "bad.png: not an image"),
+    (["--image", "EMPTY", "--prompt", "hi"], "empty.png: empty file"),
+    (["--image", "TRUNCATED", "--prompt", "hi"], "cut.png: corrupt or truncated image"),
+    (["--image", "BOMB", "--prompt", "hi"], "over Pillow's decompression-bomb limit"),
     (["--image", "IMAGE", "--prompt", "hi", "--ckpt", "NOCKPT"], "no such checkpoint"),
     (["--image", "IMAGE", "--prompt", "why " * 300], "leaves room for"),
 ])
 def test_user_mistakes_are_one_line_and_exit_2(ckpt, tmp_path, args, message):
     image = tmp_path / "ok.png"
     shapes.render(shapes.make_scene("test", 0, shapes.WorldConfig())).save(image)
-    bad = tmp_path / "bad.png"
-    bad.write_text("not an image")
-    args = [a.replace("NOTANIMAGE", str(bad)).replace("IMAGE", str(image)).replace("NOCKPT", str(tmp_path / "x.pt"))
-            for a in args]
+    files = {"NOTANIMAGE": tmp_path / "bad.png", "EMPTY": tmp_path / "empty.png", "TRUNCATED": tmp_path / "cut.png",
+             "BOMB": tmp_path / "bomb.png", "NOCKPT": tmp_path / "x.pt", "IMAGE": image}
+    files["NOTANIMAGE"].write_text("not an image")
+    files["EMPTY"].write_bytes(b"")
+    files["TRUNCATED"].write_bytes(image.read_bytes()[:200])
+    if "BOMB" in args:   # 10000 x 9000 = 90 M pixels, just over Pillow's 89.5 M limit (a 1-bit PNG of 20 kB)
+        Image.new("1", (10000, 9000)).save(files["BOMB"])
+    args = [next((str(files[k]) for k in files if a == k), a) for a in args]
     result = run(*args, "--out_dir", str(ckpt))
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error:"), result.stderr
