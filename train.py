@@ -468,10 +468,10 @@ def build_vlm(cfg, tok, stage, device):
     if stage == "align":
         clip_state = finished_checkpoint(cfg, "clip", tok)["model"]
         vision = {k[len("visual."):]: v for k, v in clip_state.items() if k.startswith("visual.")}
-        load_weights(model.vision, vision, "clip.pt")
-        load_weights(model.llm, finished_checkpoint(cfg, "lm", tok)["model"], "lm.pt")
+        load_weights(model.vision, vision, os.path.join(cfg.out_dir, "clip.pt"))
+        load_weights(model.llm, finished_checkpoint(cfg, "lm", tok)["model"], os.path.join(cfg.out_dir, "lm.pt"))
     elif stage == "instruct":
-        load_weights(model, finished_checkpoint(cfg, "align", tok)["model"], "align.pt")
+        load_weights(model, finished_checkpoint(cfg, "align", tok)["model"], os.path.join(cfg.out_dir, "align.pt"))
     return model.to(device)
 
 
@@ -480,14 +480,14 @@ def trained_module(stage, model):
     return model.llm if stage == "lm" else model
 
 
-def load_weights(module, state, name):
+def load_weights(module, state, path):
     """Strict loading: a checkpoint from another config is one clear line, not a traceback."""
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         detail = lines[1] if len(lines) > 1 else lines[0] if lines else "shapes differ"
-        raise ConfigError(f"{name} was written by another config ({detail[:160]})") from None
+        raise ConfigError(f"{path} was written by another config ({detail[:160]})") from None
 
 
 def check_tokenizer(ckpt, tok, path):
@@ -520,7 +520,7 @@ def stage_clip(cfg, tok, device, dtype, resume=None, save=None):
     retrieval and linear-probe evaluation. resume / save: see run_stage."""
     model = CLIP(clip_config(cfg, tok), eot_id=tok.eot_id).to(device)
     if resume is not None:
-        load_weights(model, resume["model"], "clip.pt")
+        load_weights(model, resume["model"], os.path.join(cfg.out_dir, "clip.pt"))
     get_batch = lambda step, micro: clip_batch(cfg, tok, step, micro)
     loss_fn = lambda m, b: m(b["images"], b["ids"])[0]
     checkpoint = (lambda state: save(model, state)) if save else None
@@ -534,7 +534,7 @@ def stage_vlm(stage, cfg, tok, device, dtype, resume=None, save=None):
     train (the rest is frozen), at which learning rates, and on which conversations."""
     model = build_vlm(cfg, tok, stage, device)
     if resume is not None:
-        load_weights(trained_module(stage, model), resume["model"], f"{stage}.pt")
+        load_weights(trained_module(stage, model), resume["model"], os.path.join(cfg.out_dir, f"{stage}.pt"))
     image_tokens = model.num_image_tokens
     if stage == "lm":
         groups, steps, bs = [(list(model.llm.parameters()), cfg.lm_lr)], cfg.lm_steps, cfg.lm_batch_size

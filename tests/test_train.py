@@ -534,6 +534,8 @@ def test_resume_refuses_another_config_and_mixed_runs(tiny_run, tmp_path):
         train.main([*flags, "--stage=align"])
 
     train.save_checkpoint(str(out / "lm.pt"), lm)
+    with pytest.raises(ConfigError, match=re.escape(f"{out / 'lm.pt'} was written by another config (size mismatch")):
+        train.main([*flags, "--stage=align", "--llm_dim=96"])
     other = data.Tokenizer(data.train_bpe(["a completely different text"], 300))
     other.save(str(out / "tokenizer.json"))
     with pytest.raises(ConfigError, match=re.escape(f"{out / 'clip.pt'}: its tokenizer does not match")):
