@@ -70,6 +70,7 @@ class VLMConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     projector: str = "mlp"  # see projector.PROJECTORS
     shuffle_factor: int = 2  # only for projector="pixel_shuffle"
+    resampler_queries: int = 16  # only for projector="resampler": visual tokens per image
     vision_layer: int = -1  # which ViT block's patch features feed the projector (-1: the last)
     image_token_id: int = -1  # the tokenizer's <|image|> id; must be set
 
@@ -298,7 +299,7 @@ class VLM(nn.Module):
         if self.vision.num_patches != cfg.vision.num_patches:
             raise ValueError(f"vision encoder has {self.vision.num_patches} patches, cfg.vision {cfg.vision.num_patches}")
         self.projector = make_projector(cfg.projector, cfg.vision.width, cfg.llm.dim, cfg.vision.grid_size,
-                                        cfg.shuffle_factor)
+                                        cfg.shuffle_factor, cfg.resampler_queries)
         self.llm = LanguageModel(cfg.llm)
         self.num_image_tokens = self.projector.num_tokens()  # N': <|image|> slots per image
 

@@ -89,7 +89,8 @@ class Config:
     lm_batch_size: int = 32
     lm_lr: float = 2e-3
     # VLM: how vision meets language
-    projector: str = "mlp"                # linear | mlp | pixel_shuffle
+    projector: str = "mlp"                # linear | mlp | pixel_shuffle | resampler
+    resampler_queries: int = 16           # projector=resampler: learned queries = visual tokens per image
     vision_layer: int = -1                # which ViT block's hidden states feed the projector
     # stage align (LLaVA stage 1)
     align_steps: int = 100
@@ -458,7 +459,8 @@ def vlm_config(cfg, tok):
                     n_heads=cfg.llm_heads, n_kv_heads=cfg.llm_kv_heads,
                     ffn_hidden=cfg.llm_ffn_hidden, max_seq_len=cfg.max_seq_len)
     return VLMConfig(vision=clip_config(cfg, tok).vit, llm=llm, projector=cfg.projector,
-                     vision_layer=cfg.vision_layer, image_token_id=tok.image_id)
+                     resampler_queries=cfg.resampler_queries, vision_layer=cfg.vision_layer,
+                     image_token_id=tok.image_id)
 
 
 def build_vlm(cfg, tok, stage, device):
