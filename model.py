@@ -16,13 +16,18 @@ LLaVA-1.5, arXiv:2310.03744): a ViT encodes the image, the projector
 (projector.py) maps its patch features to LLM-width visual tokens, and those
 are written over the <|image|> placeholder tokens of the prompt.
 
+LoRA ("LoRA: Low-Rank Adaptation of Large Language Models", Hu et al. 2021,
+arXiv:2106.09685) fine-tunes the LLM through small low-rank adapters beside its
+frozen attention and MLP matrices (LoRALinear, add_lora), folded back into
+plain weights afterwards (merge_lora): `python train.py --lora_rank=8`.
+
 Shape legend:
     B   batch (sequences)        T   tokens in this forward call
     S   keys attended (cache + T)  D   LLM width (dim)
     H   query heads              Hkv key/value heads (GQA: Hkv divides H)
     hd  head_dim = D / H         F   SwiGLU hidden width (ffn_hidden)
     V   vocabulary size          M   images in the batch
-    N'  visual tokens per image
+    N'  visual tokens per image  r   LoRA rank
 
     cfg = VLMConfig(llm=LLMConfig(vocab_size=tok.vocab_size), image_token_id=tok.image_id)
     model = VLM(cfg)
@@ -414,3 +419,69 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters; a tied weight counts once (parameters() yields it once)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+# -----------------------------------------------------------------------------
+# LoRA: fine-tune the LLM through low-rank adapters (Hu et al. 2021, arXiv:2106.09685)
+
+LORA_TARGETS = ("qkv", "proj", "w1", "w2", "w3")  # fused q,k,v and output of attention; SwiGLU's three
+
+
+class LoRALinear(nn.Module):
+    """base(x) + (alpha / r) · B A x, with the base Linear frozen and only A (r, in), B (out, r) trained.
+
+    The paper's premise (section 4): the change fine-tuning makes to a weight matrix has a low
+    intrinsic rank, so writing it as B·A costs r·(in + out) numbers instead of in·out. B starts
+    at zero, so the wrapped layer starts as exactly the base layer; A starts random
+    (Kaiming-uniform, as the paper's code does) so that B gets a gradient at the first step.
+    alpha / r keeps the update's scale steady when r changes (section 4.1).
+    On a fused qkv matrix one adapter covers q, k and v together: a rank-r change of the
+    whole (H + 2·Hkv)·hd x D matrix."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.base = base
+        self.base.requires_grad_(False)
+        self.scale = alpha / rank
+        weight = base.weight
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=weight.device, dtype=weight.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=weight.device, dtype=weight.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x):
+        down = x @ self.lora_A.T  # (..., r): through the rank-r bottleneck, never an out x in matrix
+        return self.base(x) + self.scale * (down @ self.lora_B.T)  # (..., out)
+
+    def merged(self) -> nn.Linear:
+        """The base Linear with W + (alpha / r)·B·A folded in: the same function, and no adapter
+        left to cost time at inference (section 4.1: "no additional inference latency")."""
+        with torch.no_grad():
+            self.base.weight += self.scale * (self.lora_B @ self.lora_A)  # (out, in)
+        return self.base
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float) -> list[nn.Parameter]:
+    """Wrap the attention and MLP Linears of every LLM block in `model` (a LanguageModel or a
+    VLM: the ViT and the projector are left alone) in LoRALinears; their base weights are
+    frozen. Returns the adapters' parameters, the only LLM weights that train from here on."""
+    adapters = []
+    for block in [m for m in model.modules() if isinstance(m, Block)]:
+        for parent in (block.attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if name in LORA_TARGETS and isinstance(child, nn.Linear):
+                    lora = LoRALinear(child, rank, alpha)
+                    setattr(parent, name, lora)
+                    adapters += [lora.lora_A, lora.lora_B]
+    return adapters
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Replace every LoRALinear in `model` by its merged plain Linear, in place: the state dict
+    then has the keys and shapes of a model that never had adapters (what generate.py loads)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(parent, name, child.merged())
+    return model

@@ -35,7 +35,7 @@ import data
 import evaluate
 import shapes
 from clip import CLIP, CLIPConfig, tokenize as clip_tokenize
-from model import LLMConfig, VLM, VLMConfig
+from model import LLMConfig, VLM, VLMConfig, add_lora, merge_lora
 from vit import ViTConfig
 
 STAGES = ("clip", "lm", "align", "instruct")
@@ -104,6 +104,9 @@ class Config:
     instruct_vision_lr: float = 0.0       # the ViT: 0 keeps it frozen, as LLaVA does
     instruct_turns: int = 4               # questions per conversation: answers per image per forward pass
     loss_per_answer: bool = False         # align/instruct: each answer weighs the same, not each token
+    lora_rank: int = 0                    # instruct: > 0 trains LoRA adapters of this rank (at instruct_lr)
+                                          # instead of the whole LLM; merged into the weights at the end
+    lora_alpha: float = 16.0              # LoRA's update is scaled by lora_alpha / lora_rank
     # optimisation, shared by every stage
     warmup_frac: float = 0.05
     min_lr_frac: float = 0.1
@@ -535,6 +538,9 @@ def stage_vlm(stage, cfg, tok, device, dtype, resume=None, save=None):
     """lm, align or instruct: the same VLM, the same loop; what differs is which towers
     train (the rest is frozen), at which learning rates, and on which conversations."""
     model = build_vlm(cfg, tok, stage, device)
+    lora = stage == "instruct" and cfg.lora_rank > 0
+    if lora:  # before a resume: a checkpoint taken mid-stage holds the adapters
+        adapters = add_lora(model.llm, cfg.lora_rank, cfg.lora_alpha)
     if resume is not None:
         load_weights(trained_module(stage, model), resume["model"], os.path.join(cfg.out_dir, f"{stage}.pt"))
     image_tokens = model.num_image_tokens
@@ -543,7 +549,7 @@ def stage_vlm(stage, cfg, tok, device, dtype, resume=None, save=None):
     elif stage == "align":
         groups, steps, bs = [(list(model.projector.parameters()), cfg.align_lr)], cfg.align_steps, cfg.align_batch_size
     else:
-        groups = [(list(model.llm.parameters()), cfg.instruct_lr),
+        groups = [(adapters if lora else list(model.llm.parameters()), cfg.instruct_lr),
                   (list(model.projector.parameters()), cfg.instruct_projector_lr)]
         if cfg.instruct_vision_lr > 0:  # LLaVA keeps the ViT frozen; later VLMs often tune it too
             groups.append((list(model.vision.parameters()), cfg.instruct_vision_lr))
@@ -551,6 +557,7 @@ def stage_vlm(stage, cfg, tok, device, dtype, resume=None, save=None):
     trained = {id(p) for params, _ in groups for p in params}
     for p in model.parameters():  # frozen towers get no gradient at all
         p.requires_grad_(id(p) in trained)
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     get_batch = lambda step, micro: vlm_batch(cfg, tok, stage, step, micro, image_tokens, bs)
     # Batches are right-padded: under causal attention no real token ever sees a pad, so the
     # model needs no padding mask and SDPA takes its fast causal path (pads carry no label).
@@ -560,9 +567,14 @@ def stage_vlm(stage, cfg, tok, device, dtype, resume=None, save=None):
         loss_fn = lambda m, b: m(b["input_ids"], b["images"], labels=b["labels"])[1]
     checkpoint = (lambda state: save(model, state)) if save else None
     losses = train_loop(stage, model, groups, get_batch, loss_fn, steps, bs, cfg, device, dtype, resume, checkpoint)
+    if lora:  # fold the adapters into the weights: instruct.pt holds a plain model, evaluated as such
+        merge_lora(model.llm)
     if stage == "lm":
-        return model, losses, lm_validation(model, tok, cfg, device)
-    return model, losses, evaluate.evaluate_vlm(stage, model, tok, cfg, device)
+        metrics = lm_validation(model, tok, cfg, device)
+    else:
+        metrics = evaluate.evaluate_vlm(stage, model, tok, cfg, device)
+    metrics[f"{stage}_trainable_params"] = n_trained
+    return model, losses, metrics
 
 
 def per_answer_loss(logits, labels):

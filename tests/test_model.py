@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (KVCache, LanguageModel, LLMConfig, RMSNorm, VLM, VLMConfig, apply_rope, count_parameters,
-                   filter_logits, rope_cache, sample_next)
+from model import (KVCache, LanguageModel, LLMConfig, LoRALinear, RMSNorm, VLM, VLMConfig, add_lora, apply_rope,
+                   count_parameters, filter_logits, merge_lora, rope_cache, sample_next)
 from vit import ViTConfig
 
 IMG = 3  # the <|image|> id in these tests
@@ -276,19 +276,23 @@ def test_top_k_top_p_keep_the_right_tokens():
     torch.testing.assert_close(freq, torch.tensor([0, 0.4, 0, 0.3, 0.15]) / 0.85, atol=0.03, rtol=0)
 
 
-def test_tiny_language_model_overfits_a_sequence():
-    torch.manual_seed(0)
-    lm = LanguageModel(tiny_llm())
-    ids = torch.randint(0, 40, (1, 24))
-    opt = torch.optim.AdamW(lm.parameters(), lr=1e-2)
+def overfit(lm, params, ids, steps=100, lr=1e-2):
+    """AdamW on next-token loss of one sequence; the loss at every step."""
+    opt = torch.optim.AdamW(params, lr=lr)
     losses = []
-    for _ in range(100):
-        logits = lm(ids)
-        loss = F.cross_entropy(logits[0, :-1], ids[0, 1:])
+    for _ in range(steps):
+        loss = F.cross_entropy(lm(ids)[0, :-1], ids[0, 1:])
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
+    return losses
+
+
+def test_tiny_language_model_overfits_a_sequence():
+    torch.manual_seed(0)
+    lm = LanguageModel(tiny_llm())
+    losses = overfit(lm, lm.parameters(), torch.randint(0, 40, (1, 24)))
     assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
 
 
@@ -324,3 +328,79 @@ def test_tiny_vlm_learns_to_read_the_colour_of_the_image():
         right = (vlm(ids[:, :-1], images)[0][:, -1].argmax(-1) == ids[:, -1]).float().mean().item()
         blank = (vlm(ids[:, :-1], torch.zeros_like(images))[0][:, -1].argmax(-1) == ids[:, -1]).float().mean().item()
     assert right == 1.0 and blank <= 0.5, (right, blank)
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+def test_lora_starts_as_the_base_layer_and_computes_its_formula():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(12, 20)
+    lora = LoRALinear(base, rank=3, alpha=6.0)
+    x = torch.randn(4, 5, 12)
+    assert torch.count_nonzero(lora.lora_B) == 0 and torch.count_nonzero(lora.lora_A) > 0
+    assert torch.equal(lora(x), base(x))  # B = 0: exactly the base layer at the start
+    lora.lora_B.data.normal_()
+    expected = x @ base.weight.T + base.bias + 2.0 * (x @ (lora.lora_B @ lora.lora_A).T)  # alpha/r = 2
+    torch.testing.assert_close(lora(x), expected)
+    assert not base.weight.requires_grad and not base.bias.requires_grad
+
+
+def test_lora_adapts_every_attention_and_mlp_matrix_of_the_llm_only():
+    torch.manual_seed(0)
+    vlm = tiny_vlm()
+    D, H, Hkv, hd, F_, L, r = 32, 4, 2, 8, 48, 2, 4
+    adapters = add_lora(vlm, rank=r, alpha=8.0)
+    wrapped = {n for n, m in vlm.named_modules() if isinstance(m, LoRALinear)}
+    assert wrapped == {f"llm.blocks.{i}.{n}" for i in range(L)
+                       for n in ("attn.qkv", "attn.proj", "mlp.w1", "mlp.w2", "mlp.w3")}
+    # r·(in + out) per matrix: qkv D -> (H + 2·Hkv)·hd, proj H·hd -> D, w1 and w3 D -> F, w2 F -> D
+    per_block = r * ((D + (H + 2 * Hkv) * hd) + (H * hd + D) + 2 * (D + F_) + (F_ + D))
+    assert sum(p.numel() for p in adapters) == L * per_block == 3200
+    assert all(p.requires_grad for p in adapters)
+
+
+def test_merged_lora_equals_the_unmerged_model_and_loads_as_a_plain_one():
+    torch.manual_seed(0)
+    vlm = tiny_vlm()
+    plain_keys = set(vlm.state_dict())
+    add_lora(vlm, rank=4, alpha=8.0)
+    for m in vlm.modules():
+        if isinstance(m, LoRALinear):
+            m.lora_B.data.normal_(std=0.1)  # a trained-looking adapter, not the zero start
+    ids = torch.randint(4, 40, (2, 20))
+    ids[:, 2:2 + vlm.num_image_tokens] = IMG
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        unmerged = vlm(ids, images)[0]
+        merge_lora(vlm)
+        merged = vlm(ids, images)[0]
+    assert not any(isinstance(m, LoRALinear) for m in vlm.modules())
+    assert (unmerged - vlm.llm.head(vlm.llm.norm(torch.zeros(1, 32)))).abs().max() > 0.1  # not trivially equal
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-4)
+    assert set(vlm.state_dict()) == plain_keys
+    fresh = tiny_vlm()
+    fresh.load_state_dict(vlm.state_dict())  # strict: what generate.py does with instruct.pt
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids, images)[0], merged)
+
+
+def test_lora_training_moves_only_the_adapters_and_learns():
+    """Fine-tuning as in the instruct stage: an LLM trained on one sequence learns another
+    through rank-4 adapters alone. Every base weight is unchanged bit for bit, and the loss
+    falls below half its start. (From the N(0, 0.02) init instead, the frozen tied head caps
+    every logit near 0.6, and no adapter can get far below the uniform loss.)"""
+    torch.manual_seed(0)
+    lm = LanguageModel(tiny_llm())
+    overfit(lm, lm.parameters(), torch.randint(0, 40, (1, 24)))  # "pretraining"
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    adapters = add_lora(lm, rank=4, alpha=8.0)
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    for p in adapters:
+        p.requires_grad_(True)
+    losses = overfit(lm, adapters, torch.randint(0, 40, (1, 24)))
+    assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
+    after = {k.replace(".base.", "."): v for k, v in lm.state_dict().items() if "lora_" not in k}
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)

@@ -25,6 +25,7 @@ import torch
 
 import data
 import evaluate
+import generate
 import shapes
 import train
 from model import VLM
@@ -460,6 +461,35 @@ def test_checkpoints_rebuild_the_model_from_their_own_config(tiny_run):
     for stage in ("clip", "lm", "align"):
         other = data.Tokenizer.from_state(train.load_checkpoint(str(tiny_run.out / f"{stage}.pt"))["tokenizer"])
         assert other.ranks == tok.ranks
+
+
+def test_lora_instruct_stage_changes_only_low_rank_parts_and_saves_a_plain_model(tiny_run, tmp_path):
+    """--lora_rank=4 on the instruct stage, from the tiny run's align.pt: the saved instruct.pt
+    loads strictly into a VLM without adapters (generate.py's path), every LLM weight without
+    an adapter (embedding, norms) is align's bit for bit, and each adapted matrix moved by a
+    change of rank <= 4 (the merged B·A): the base weights themselves never trained."""
+    for name in ("tokenizer.json", "clip.pt", "lm.pt", "align.pt"):
+        (tmp_path / name).write_bytes((tiny_run.out / name).read_bytes())
+    train.main(["--config=tiny", "--out_dir", str(tmp_path), "--stage=instruct", "--lora_rank=4", *RUN_FLAGS])
+    before = train.load_checkpoint(str(tmp_path / "align.pt"))["model"]
+    ckpt = train.load_checkpoint(str(tmp_path / "instruct.pt"))
+    model, _, _ = generate.load_vlm(str(tmp_path / "instruct.pt"))  # strict load into a plain VLM
+    after = ckpt["model"]
+    assert after.keys() == before.keys()
+    adapted = [k for k in after if re.search(r"^llm\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.w[123])\.weight$", k)]
+    assert len(adapted) == 5 * tiny_run.cfg.llm_layers
+    for key in after:
+        if key.startswith("llm.") and key not in adapted:
+            assert torch.equal(after[key], before[key]), key
+    for key in adapted:
+        delta = (after[key] - before[key]).double()
+        assert delta.abs().max() > 0, key
+        assert torch.linalg.matrix_rank(delta, rtol=1e-6).item() <= 4, key
+    D, F_, L = tiny_run.cfg.llm_dim, tiny_run.cfg.llm_ffn_hidden, tiny_run.cfg.llm_layers
+    n_projector = sum(v.numel() for k, v in before.items() if k.startswith("projector."))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    # attention q,k,v,o (no GQA in tiny: 3D and D wide) and SwiGLU's three: r·(in + out) each
+    assert metrics["instruct_trainable_params"] == L * 4 * ((D + 3 * D) + 2 * D + 3 * (D + F_)) + n_projector
 
 
 # ----------------------------------------------------------------------------- checkpoints and --resume
