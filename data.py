@@ -194,10 +194,21 @@ class Tokenizer:
 # ----------------------------------------------------------------------------- chat template
 
 
-def image_block(tok, n_tokens):
+def image_block(tok, n_tokens, grid=None):
     """The ids one image occupies in the sequence: n_tokens <|image|> slots that the model
-    overwrites with the projector's visual tokens."""
-    return [tok.image_id] * n_tokens
+    overwrites with the projector's visual tokens. With grid=(rows, cols), a tiled image
+    (any-res, see image_input): <global_image> and the global view's slots, then for each
+    tile in row-major order <row_i_col_j> (1-based) and its slots, the tags telling the LLM
+    where each group of visual tokens comes from (nanoVLM's layout)."""
+    slots = [tok.image_id] * n_tokens
+    if grid is None:
+        return slots
+    rows, cols = grid
+    ids = [tok.global_image_id] + slots
+    for i in range(1, rows + 1):
+        for j in range(1, cols + 1):
+            ids += [tok.row_col_id(i, j)] + slots
+    return ids
 
 
 def _check_roles(messages):
@@ -209,12 +220,14 @@ def _check_roles(messages):
             raise ValueError(f"message {k} has role {m['role']!r}; roles must alternate user, assistant, ...")
 
 
-def _user_content(tok, text, block_sizes):
-    """Encode user text, expanding each <image> marker into the next image's block."""
+def _user_content(tok, text, blocks):
+    """Encode user text, expanding each <image> marker into the next image's block: a size
+    (that many <|image|> slots) or the block's ids as they are (a tiled image's layout)."""
     pieces = text.split(IMAGE_MARKER)
     ids = tok.encode(pieces[0])
     for piece in pieces[1:]:
-        ids += image_block(tok, next(block_sizes)) + tok.encode(piece)
+        block = next(blocks)
+        ids += (image_block(tok, block) if isinstance(block, int) else list(block)) + tok.encode(piece)
     return ids
 
 
@@ -224,7 +237,8 @@ def encode_chat(tok, messages, image_tokens, system=None):
     Pieces are encoded separately and concatenated, so a label boundary is always a token
     boundary. Labels: the ids of each assistant answer and its <|im_end|> (the model must
     learn to stop); IGNORE_INDEX everywhere else. image_tokens: one int for every image,
-    or a list with one block size per <image> marker in order of appearance.
+    or a list with one entry per <image> marker in order of appearance: a block size, or
+    the block's ids (from image_block or image_input).
     """
     _check_roles(messages)
     n_images = sum(m["content"].count(IMAGE_MARKER) for m in messages if m["role"] == "user")
@@ -332,18 +346,62 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
-def preprocess(img, size):
-    """PIL image -> (3, size, size) float tensor, normalised with MEAN and STD."""
+def preprocess(img, size, height=None):
+    """PIL image -> (3, size, size) float tensor, normalised with MEAN and STD; with height,
+    (3, height, size): size pixels wide, height high (the canvas of a tile grid)."""
     img = to_rgb(img)
+    height = size if height is None else height
     # Squash to a square, never crop: grounding boxes are integer percent of width and height,
     # and a squash keeps every percent coordinate where it was (a crop would cut boxes off).
     # reducing_gap: first shrink by an integer factor (fast box filter) when the image is far
     # larger than the target, then resample; a 4000-pixel photo costs little more than a small one.
-    img = img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)          # (S, S, 3) in [0, 1]
-    x = x.permute(2, 0, 1)                                                   # (3, S, S)
+    img = img.resize((size, height), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)          # (H, S, 3) in [0, 1]
+    x = x.permute(2, 0, 1)                                                   # (3, H, S)
     mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
-    return ((x - mean) / std).contiguous()                                  # (3, S, S)
+    return ((x - mean) / std).contiguous()                                  # (3, H, S)
+
+
+def select_best_resolution(image_size, grids, tile):
+    """The (rows, cols) of `grids` whose canvas (cols·tile wide, rows·tile high) best fits an
+    image of image_size = (width, height), by LLaVA-NeXT's rule ("LLaVA-NeXT: Improved
+    reasoning, OCR, and world knowledge", Liu et al. 2024; its select_best_resolution): scale
+    the image to fit the canvas with its aspect ratio kept; the effective resolution is the
+    pixel count it then has, never more than its own (upscaling adds no detail). Most
+    effective pixels wins; among equals, the canvas with the fewest wasted pixels."""
+    width, height = image_size
+    best, best_key = None, None
+    for rows, cols in grids:
+        canvas_w, canvas_h = cols * tile, rows * tile
+        scale = min(canvas_w / width, canvas_h / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        key = (effective, -(canvas_w * canvas_h - effective))  # more detail, then less waste
+        if best_key is None or key > best_key:
+            best, best_key = (rows, cols), key
+    return best
+
+
+def tile_views(img, tile, grid):
+    """(1 + rows·cols, 3, tile, tile): the global view (the whole image squashed to one tile),
+    then the tiles, row-major, of the image squashed onto the grid's canvas. Squashed, not
+    padded as in LLaVA-NeXT: percent boxes stay exact, and the chosen grid keeps the
+    squash small."""
+    rows, cols = grid
+    canvas = preprocess(img, cols * tile, rows * tile)                      # (3, rows·t, cols·t)
+    tiles = canvas.view(3, rows, tile, cols, tile).permute(1, 3, 0, 2, 4)   # (rows, cols, 3, t, t)
+    return torch.cat([preprocess(img, tile)[None], tiles.reshape(rows * cols, 3, tile, tile)])
+
+
+def image_input(tok, img, size, n_tokens, grids=()):
+    """What one image adds to a sample: (views (V, 3, size, size), its block of ids).
+    Without grids: V = 1, the image squashed to size x size, n_tokens <|image|> slots.
+    With grids, any-res tiling (LLaVA-NeXT; nanoVLM): the grid that best fits the image
+    (select_best_resolution), V = 1 + rows·cols views each encoded alone at the encoder's
+    resolution, and the tagged layout of image_block. Each view gets n_tokens slots."""
+    if not grids:
+        return preprocess(img, size)[None], image_block(tok, n_tokens)
+    grid = select_best_resolution(img.size, grids, size)
+    return tile_views(img, size, grid), image_block(tok, n_tokens, grid)
 
 
 def to_pil(x):

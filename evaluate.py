@@ -14,6 +14,8 @@ Every figure is measured on the shapes world's *test* split with greedy decoding
 - Grounding: share of predicted boxes with IoU >= 0.5 against the true box.
 - Caption accuracy: a caption is right when it names every object with its right size,
   colour and shape, and nothing else.
+- Two images: exact match on questions only a comparison answers (what changed between
+  them, which has more shapes), overall and per type.
 - CLIP (Radford et al. 2021, arXiv:2103.00020): zero-shot accuracy over every colour x shape
   class from prompt templates, image->text retrieval R@1/R@5, and a linear probe.
 """
@@ -94,11 +96,15 @@ def caption_correct(text, scene):
 @torch.no_grad()
 def answer_batch(model, tok, images, conversations, image_size, device, max_new_tokens=24, **sampling):
     """Continue each conversation (a list of chat messages whose last one is the user's)
-    about its image, in one left-padded batch. Greedy unless `sampling` sets a temperature."""
+    about its image (a PIL image, or a list of them for a conversation with several), in one
+    left-padded batch; tiled when the model was trained so. Greedy unless `sampling` sets a
+    temperature."""
     samples = []
     for image, messages in zip(images, conversations):
-        ids = data.encode_prompt(tok, messages, model.num_image_tokens)
-        samples.append({"input_ids": ids, "images": data.preprocess(image, image_size)[None]})
+        inputs = [data.image_input(tok, img, image_size, model.num_image_tokens, model.cfg.tile_grids)
+                  for img in (image if isinstance(image, list) else [image])]
+        ids = data.encode_prompt(tok, messages, [block for _, block in inputs])
+        samples.append({"input_ids": ids, "images": torch.cat([views for views, _ in inputs])})
     batch = data.collate(samples, tok.pad_id, side="left")
     out = model.generate(batch["input_ids"].to(device), batch["images"].to(device),
                          batch["attention_mask"].to(device), max_new_tokens=max_new_tokens,
@@ -106,23 +112,27 @@ def answer_batch(model, tok, images, conversations, image_size, device, max_new_
     return [tok.decode(ids).strip() for ids in out]
 
 
-def question(text):
-    """A one-turn conversation about one image: LLaVA puts the image before the question."""
-    return [{"role": "user", "content": f"{data.IMAGE_MARKER}\n{text}"}]
+def question(text, n_images=1):
+    """A one-turn conversation about n_images images: LLaVA puts the image before the question;
+    several images come one per line, in order."""
+    return [{"role": "user", "content": "\n".join([data.IMAGE_MARKER] * n_images + [text])}]
 
 
 def answer_all(model, tok, items, cfg, device, max_new_tokens=24):
-    """items: list of (scene, question); answers in the same order, in batches."""
+    """items: list of (scenes, question), scenes a scene or a list of them (several images);
+    answers in the same order, in batches."""
     answers = []
     for start in range(0, len(items), cfg.eval_batch_size):
-        chunk = items[start:start + cfg.eval_batch_size]
-        answers += answer_batch(model, tok, [shapes.render(s) for s, _ in chunk],
-                                [question(q) for _, q in chunk], cfg.image_size, device, max_new_tokens)
+        chunk = [(s if isinstance(s, list) else [s], q) for s, q in items[start:start + cfg.eval_batch_size]]
+        answers += answer_batch(model, tok, [[shapes.render(s) for s in scenes] for scenes, _ in chunk],
+                                [question(q, len(scenes)) for scenes, q in chunk], cfg.image_size, device,
+                                max_new_tokens)
     return answers
 
 
 def world_config(cfg):
-    return shapes.WorldConfig(image_size=cfg.image_size, max_objects=cfg.max_objects, seed=cfg.seed)
+    return shapes.WorldConfig(image_size=cfg.world_size or cfg.image_size, max_objects=cfg.max_objects,
+                              seed=cfg.seed, object_scale=cfg.object_scale)
 
 
 def test_scene(cfg, index, n_objects=None):
@@ -186,11 +196,42 @@ def evaluate_captions(model, tok, cfg, device):
     return {"caption_acc": sum(caption_correct(p, s) for p, (s, _) in zip(predictions, items)) / len(items)}
 
 
+def evaluate_two_image(model, tok, cfg, device):
+    """Accuracy on eval_two_image questions about test pairs (shapes.two_image_pair), half
+    "change" and half "more", the "more" answers balanced between the first and the second
+    image, so that no fixed answer scores above one half of them."""
+    quota = {("change", None): cfg.eval_two_image - cfg.eval_two_image // 2,
+             ("more", "the first image"): cfg.eval_two_image // 4}
+    quota[("more", "the second image")] = cfg.eval_two_image - sum(quota.values())
+    items, types, answers, taken = [], [], [], Counter()
+    for index in range(50 * cfg.eval_two_image):  # bounded, like evaluate_vqa
+        if len(items) == cfg.eval_two_image:
+            break
+        first, second, qs = shapes.two_image_pair("test", 400_000 + index, world_config(cfg))
+        for t, q, a in qs:
+            key = (t, a if t == "more" else None)
+            if taken[key] < quota[key]:
+                taken[key] += 1
+                items.append(([first, second], q))
+                types.append(t)
+                answers.append(a)
+                break
+    predictions = answer_all(model, tok, items, cfg, device)
+    right = Counter(t for t, p, a in zip(types, predictions, answers) if normalize_answer(p) == normalize_answer(a))
+    counts = Counter(types)
+    metrics = {f"vqa_acc_two_image_{t}": right[t] / counts[t] for t in counts}
+    metrics["vqa_acc_two_image"] = sum(right.values()) / max(1, len(items))
+    return metrics
+
+
 def evaluate_vlm(stage, model, tok, cfg, device):
     model.eval()
     if stage == "align":
         return evaluate_captions(model, tok, cfg, device)
-    return {**evaluate_vqa(model, tok, cfg, device), **evaluate_pope(model, tok, cfg, device)}
+    metrics = {**evaluate_vqa(model, tok, cfg, device), **evaluate_pope(model, tok, cfg, device)}
+    if cfg.two_image_share > 0:
+        metrics.update(evaluate_two_image(model, tok, cfg, device))
+    return metrics
 
 
 # -----------------------------------------------------------------------------

@@ -76,6 +76,7 @@ class VLMConfig:
     projector: str = "mlp"  # see projector.PROJECTORS
     shuffle_factor: int = 2  # only for projector="pixel_shuffle"
     resampler_queries: int = 16  # only for projector="resampler": visual tokens per image
+    tile_grids: tuple = ()  # any-res: allowed (rows, cols) tile grids (data.image_input); (): one view per image
     vision_layer: int = -1  # which ViT block's patch features feed the projector (-1: the last)
     image_token_id: int = -1  # the tokenizer's <|image|> id; must be set
 

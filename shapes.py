@@ -97,6 +97,8 @@ class WorldConfig:
     max_objects: int = 3
     held_out_pairs: tuple = ()  # (colour, shape) pairs never drawn in "train" (compositional test)
     seed: int = 0               # scene (split, index) is a pure function of this
+    object_scale: float = 1.0   # < 1: shapes this much smaller than usual for their grid cell
+                                # (a high-resolution world of small objects, for any-res tiling)
 
     def __post_init__(self):
         if not isinstance(self.image_size, int) or self.image_size < 32:
@@ -111,6 +113,8 @@ class WorldConfig:
                                  f"colours {list(COLOURS)}, shapes {list(SHAPES)}")
         if len(set(self.held_out_pairs)) == len(ALL_PAIRS):
             raise ValueError("held_out_pairs holds out every pair: train would have no objects")
+        if not 0 < self.object_scale <= 1:
+            raise ValueError(f"object_scale must be in (0, 1], got {self.object_scale!r}")
 
 
 @dataclass(frozen=True)
@@ -149,13 +153,13 @@ def scene_signature(scene):
         f"{o.size} {o.colour} {o.shape} {o.region} {o.box}" for o in objs)
 
 
-def _place(rng, image_size, region, colour, shape):
+def _place(rng, image_size, region, colour, shape, scale=1.0):
     """One object inside its grid cell: a random size and a jittered position."""
     row, col = divmod(region, 3)
     edges = [i * image_size // 3 for i in range(4)]  # 64 -> 0, 21, 42, 64
     cell = image_size // 3                           # the narrowest cell
     size = rng.choice(SIZES)
-    side = round(rng.uniform(*SIZE_FRACTIONS[size]) * cell)
+    side = max(2, round(rng.uniform(*SIZE_FRACTIONS[size]) * cell * scale))
     side = min(side, cell - 2)  # keep a 1 px margin inside the cell: neighbours never touch
     x0 = rng.randint(edges[col] + 1, edges[col + 1] - 1 - side)
     y0 = rng.randint(edges[row] + 1, edges[row + 1] - 1 - side)
@@ -184,7 +188,7 @@ def make_scene(split, index, cfg, n_objects=None):
         rng = random.Random(_stable_int(cfg.seed, split, index, attempt))
         n = n_objects or rng.randint(cfg.min_objects, cfg.max_objects)
         regions = sorted(rng.sample(range(len(REGIONS)), n))  # one object per cell: no overlap
-        objects = [_place(rng, cfg.image_size, r, *rng.choices(pairs, weights)[0]) for r in regions]
+        objects = [_place(rng, cfg.image_size, r, *rng.choices(pairs, weights)[0], cfg.object_scale) for r in regions]
         scene = Scene(objects, cfg.image_size)
         if SPLIT_OF_BUCKET[_stable_int(scene_signature(scene)) % 10] == split:
             return scene
@@ -511,3 +515,63 @@ def conversation(scene, rng):
     turns = [(q, a) for _, q, a in questions(scene, rng)]
     return rng.sample(turns, min(len(turns), rng.randint(3, 6)))
 
+
+# -----------------------------------------------------------------------------
+# two images: questions only a comparison of both can answer
+
+CHANGES = ("colour", "shape", "added", "removed")
+TWO_IMAGE_TYPES = ("change", "more")  # metric keys: vqa_acc_two_image_change, vqa_acc_two_image_more
+
+
+def _edit(scene, change, rng, pairs, weights, scale):
+    """(objects of the scene after one change, the answer naming it), or None when the scene
+    does not allow this change. A changed or removed object is named by its colour and
+    shape, so only an object whose pair is unique in the scene can be."""
+    objects = list(scene.objects)
+    if change == "added":
+        free = [r for r in range(len(REGIONS)) if r not in {o.region for o in objects}]
+        if not free:
+            return None
+        colour, shape = rng.choices(pairs, weights)[0]
+        new = _place(rng, scene.image_size, rng.choice(free), colour, shape, scale)
+        return sorted(objects + [new], key=lambda o: o.region), f"{_a(f'{colour} {shape}')} was added"
+    unique = [o for o in objects if [(p.colour, p.shape) for p in objects].count((o.colour, o.shape)) == 1]
+    if not unique or (change == "removed" and len(objects) < 2):  # a scene is never empty
+        return None
+    obj = rng.choice(unique)
+    name, k = f"the {obj.colour} {obj.shape}", objects.index(obj)
+    if change == "removed":
+        return objects[:k] + objects[k + 1:], f"{name} was removed"
+    if change == "colour":
+        colour = rng.choice([c for c, s in pairs if s == obj.shape and c != obj.colour] or [None])
+        objects[k] = replace(obj, colour=colour)
+        return (objects, f"{name} turned {colour}") if colour else None
+    shape = rng.choice([s for c, s in pairs if c == obj.colour and s != obj.shape] or [None])
+    objects[k] = replace(obj, shape=shape)  # every shape fills the same box
+    return (objects, f"{name} became {_a(shape)}") if shape else None
+
+
+def two_image_pair(split, index, cfg):
+    """(first, second, [(type, question, answer)]): scene `index` of `split` and a copy with
+    one change, drawn uniformly among those the scene allows: an object's colour or shape
+    changed, an object added or removed. A pure function of (cfg, split, index). The first
+    image is a scene of `split`, so a test pair is never a training pair. The questions:
+    "change" (what changed) always, and "more" (which image has more shapes) when an object
+    was added or removed."""
+    first = make_scene(split, index, cfg)
+    held_out = set(cfg.held_out_pairs) if split == "train" else set()
+    pairs = [p for p in ALL_PAIRS if p not in held_out]
+    weights = [frequency(*p) for p in pairs]
+    rng = random.Random(_stable_int(cfg.seed, split, index, "two images"))
+    edits = [e for e in (_edit(first, change, rng, pairs, weights, cfg.object_scale) for change in CHANGES) if e]
+    if not edits:  # only with every cell taken and no object named uniquely
+        raise ValueError(f"scene {index} of {split} allows no change to be named")
+    objects, answer = rng.choice(edits)
+    second = Scene(objects, first.image_size)
+    change = rng.choice(("What changed between the two images?", "What is different in the second image?",
+                         "What changed from the first image to the second?"))
+    out = [("change", change, answer)]
+    if len(first.objects) != len(second.objects):
+        more = rng.choice(("Which image has more shapes?", "Which of the two images has more shapes?"))
+        out.append(("more", more, "the first image" if len(first.objects) > len(second.objects) else "the second image"))
+    return first, second, out

@@ -54,8 +54,11 @@ class Config:
     resume: bool = False          # continue the run in out_dir: finished stages are skipped,
                                   # a stage cut short goes on from its last checkpoint
     # the shapes world
-    image_size: int = 64
+    image_size: int = 64                  # the encoder's input side: every image (or tile) is squashed to it
     max_objects: int = 3
+    world_size: int = 0                   # the world's canvas side; 0: image_size (a larger one is downscaled,
+                                          # or tiled with tile_grids)
+    object_scale: float = 1.0             # < 1: smaller shapes (a high-resolution world of small objects)
     # tokenizer: a byte-level BPE trained on the world's text
     vocab_size: int = 512
     tokenizer_scenes: int = 2000
@@ -90,6 +93,8 @@ class Config:
     lm_lr: float = 2e-3
     # VLM: how vision meets language
     projector: str = "mlp"                # linear | mlp | pixel_shuffle | resampler
+    tile_grids: str = ""                  # any-res tiling: allowed grids "RxC,..." (e.g. "1x2,2x1,2x2"), up to 4x4;
+                                          # "": one squashed view per image
     resampler_queries: int = 16           # projector=resampler: learned queries = visual tokens per image
     vision_layer: int = -1                # which ViT block's hidden states feed the projector
     # stage align (LLaVA stage 1)
@@ -104,6 +109,7 @@ class Config:
     instruct_vision_lr: float = 0.0       # the ViT: 0 keeps it frozen, as LLaVA does
     instruct_turns: int = 4               # questions per conversation: answers per image per forward pass
     loss_per_answer: bool = False         # align/instruct: each answer weighs the same, not each token
+    two_image_share: float = 0.0          # instruct: share of samples that are two-image conversations
     lora_rank: int = 0                    # instruct: > 0 trains LoRA adapters of this rank (at instruct_lr)
                                           # instead of the whole LLM; merged into the weights at the end
     lora_alpha: float = 16.0              # LoRA's update is scaled by lora_alpha / lora_rank
@@ -120,6 +126,7 @@ class Config:
     eval_pope: int = 300                  # per negative kind, balanced yes/no
     eval_grounding: int = 200
     eval_captions: int = 200
+    eval_two_image: int = 200             # two-image questions (when two_image_share > 0)
     eval_batch_size: int = 100
 
 
@@ -352,6 +359,8 @@ def world_texts(cfg):
             texts += [question, answer]
         for question, answer in shapes.conversation(scene, rng):
             texts += [question, answer]
+        if cfg.two_image_share > 0:
+            texts += [text for _, q, a in shapes.two_image_pair("train", i, world)[2] for text in (q, a)]
     return texts
 
 
@@ -391,24 +400,26 @@ def clip_batch(cfg, tok, step, micro):
     return {"images": images, "ids": clip_tokenize(tok, texts, cfg.context_length)}
 
 
-def chat_ids(tok, turns, with_image, image_tokens):
-    """(ids, labels) of a conversation; the image, if any, comes before the first question."""
+def chat_ids(tok, turns, n_images, image_tokens):
+    """(ids, labels) of a conversation; its n_images images, if any, come before the first
+    question (evaluate.question's layout). image_tokens: as data.encode_chat takes it."""
     messages = []
     for k, (question, answer) in enumerate(turns):
-        content = f"{data.IMAGE_MARKER}\n{question}" if k == 0 and with_image else question
+        content = evaluate.question(question, n_images if k == 0 else 0)[0]["content"]
         messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
-    return data.encode_chat(tok, messages, image_tokens if with_image else [])
+    return data.encode_chat(tok, messages, image_tokens if n_images else [])
 
 
-def fit_turns(tok, scene, turns, image_tokens, cfg):
-    """One training sample: the scene's image (None for text only) and as many whole turns as
-    fit in max_seq_len. A conversation is cut at a turn boundary (DESIGN.md), never inside an
-    answer; the first turn is always kept."""
+def fit_turns(tok, scenes, turns, image_tokens, cfg):
+    """One training sample: the images of `scenes` (a list, in order; empty for text only)
+    and as many whole turns as fit in max_seq_len. A conversation is cut at a turn boundary
+    (DESIGN.md), never inside an answer; the first turn is always kept."""
+    inputs = [data.image_input(tok, shapes.render(s), cfg.image_size, image_tokens, tile_grids(cfg)) for s in scenes]
     for n in range(len(turns), 0, -1):
-        ids, labels = chat_ids(tok, turns[:n], scene is not None, image_tokens)
+        ids, labels = chat_ids(tok, turns[:n], len(scenes), [block for _, block in inputs])
         if len(ids) <= cfg.max_seq_len or n == 1:
             break
-    images = data.preprocess(shapes.render(scene), cfg.image_size)[None] if scene is not None else None
+    images = torch.cat([views for views, _ in inputs]) if inputs else None  # (V, 3, S, S), in marker order
     return {"input_ids": ids, "labels": labels, "images": images}
 
 
@@ -426,21 +437,25 @@ def instruct_turns(scene, rng, n_turns):
 
 def vlm_batch(cfg, tok, stage, step, micro, image_tokens, batch_size, split="train"):
     """lm: text only (conversations without the image); align: image -> caption;
-    instruct: multi-turn visual conversations."""
+    instruct: multi-turn visual conversations, two_image_share of them about two images."""
     world, samples = evaluate.world_config(cfg), []
     for i in range(batch_size):
         index, rng = scene_rng(cfg, stage, step, micro, i)
         scene = shapes.make_scene(split, index, world)
         if stage == "lm":
             turns = instruct_turns(scene, rng, cfg.instruct_turns) + [("Describe the image.", shapes.caption(scene, rng))]
-            sample = fit_turns(tok, None, turns, image_tokens, cfg)
+            sample = fit_turns(tok, [], turns, image_tokens, cfg)
             sample["labels"] = list(sample["input_ids"])  # language modelling: every token is a target
             samples.append(sample)
         elif stage == "align":
             turns = [(rng.choice(evaluate.CAPTION_PROMPTS), shapes.caption(scene, rng))]
-            samples.append(fit_turns(tok, scene, turns, image_tokens, cfg))
+            samples.append(fit_turns(tok, [scene], turns, image_tokens, cfg))
+        elif cfg.two_image_share > 0 and rng.random() < cfg.two_image_share:  # (a default run draws as before)
+            first, second, questions = shapes.two_image_pair(split, index, world)
+            turns = [(q, a) for _, q, a in rng.sample(questions, len(questions))]
+            samples.append(fit_turns(tok, [first, second], turns, image_tokens, cfg))
         else:
-            samples.append(fit_turns(tok, scene, instruct_turns(scene, rng, cfg.instruct_turns), image_tokens, cfg))
+            samples.append(fit_turns(tok, [scene], instruct_turns(scene, rng, cfg.instruct_turns), image_tokens, cfg))
     for s in samples:  # only a first turn longer than the context is still cut
         s["input_ids"], s["labels"] = s["input_ids"][: cfg.max_seq_len], s["labels"][: cfg.max_seq_len]
     return data.collate(samples, tok.pad_id)
@@ -457,13 +472,24 @@ def clip_config(cfg, tok):
                       embed_dim=cfg.embed_dim)
 
 
+def tile_grids(cfg):
+    """--tile_grids="1x2,2x1,2x2" -> ((1, 2), (2, 1), (2, 2)): (rows, cols) of each allowed grid."""
+    grids = []
+    for text in filter(None, cfg.tile_grids.split(",")):
+        rows, x, cols = text.strip().partition("x")
+        if not (x and rows.isdigit() and cols.isdigit() and 1 <= int(rows) <= 4 and 1 <= int(cols) <= 4):
+            raise ConfigError(f"--tile_grids: {text!r} is not a grid RxC with 1 <= R, C <= 4 (e.g. 2x2)")
+        grids.append((int(rows), int(cols)))
+    return tuple(grids)
+
+
 def vlm_config(cfg, tok):
     llm = LLMConfig(vocab_size=tok.vocab_size, dim=cfg.llm_dim, n_layers=cfg.llm_layers,
                     n_heads=cfg.llm_heads, n_kv_heads=cfg.llm_kv_heads,
                     ffn_hidden=cfg.llm_ffn_hidden, max_seq_len=cfg.max_seq_len)
     return VLMConfig(vision=clip_config(cfg, tok).vit, llm=llm, projector=cfg.projector,
-                     resampler_queries=cfg.resampler_queries, vision_layer=cfg.vision_layer,
-                     image_token_id=tok.image_id)
+                     resampler_queries=cfg.resampler_queries, tile_grids=tile_grids(cfg),
+                     vision_layer=cfg.vision_layer, image_token_id=tok.image_id)
 
 
 def build_vlm(cfg, tok, stage, device):

@@ -364,6 +364,76 @@ def test_load_image_accepts_modes_and_takes_first_frame(tmp_path):
         assert img.mode == "RGB" and img.getpixel((4, 4)) == RED
 
 
+# ----------------------------------------------------------------------------- any-res tiling
+
+GRIDS = [(1, 1), (1, 2), (2, 1), (2, 2)]
+
+
+@pytest.mark.parametrize("size, grids, best", [
+    # (width, height) of the image; tile 64. Effective pixels = the image fitted into the canvas
+    # with its aspect kept, capped at its own count; ties go to the smaller canvas.
+    ((128, 128), GRIDS, (2, 2)),       # 2x2: 128x128 fits whole = 16384; 1x2 (128x64): scale 0.5 -> 64x64 = 4096
+    ((128, 64), GRIDS, (1, 2)),        # 1x2 and 2x2 both hold all 8192 pixels; 1x2 wastes 0, 2x2 wastes 8192
+    ((64, 200), GRIDS, (2, 1)),        # 2x1 (64x128): scale 0.64 -> 40x128 = 5120; 1x2: scale 0.32 -> 20x64 = 1280;
+                                       # 2x2 also 5120 but wastes 11264 more
+    ((30, 30), GRIDS, (1, 1)),         # 900 pixels fit every canvas: the smallest wastes least
+    ((300, 100), [(1, 2), (1, 3), (2, 2)], (1, 3)),  # 1x3 (192x64): scale 0.64 -> 192x64 = 12288;
+                                       # 1x2 and 2x2: scale 0.4267 -> 128x42 = 5376
+])
+def test_select_best_resolution_by_hand(size, grids, best):
+    assert data.select_best_resolution(size, grids, 64) == best
+
+
+def quadrants(colours, width, height):
+    """An image cut in 2x2 quadrants of solid colours, row-major."""
+    img = Image.new("RGB", (width, height))
+    for k, colour in enumerate(colours):
+        r, c = divmod(k, 2)
+        img.paste(colour, (c * width // 2, r * height // 2, (c + 1) * width // 2, (r + 1) * height // 2))
+    return img
+
+
+def solid(colour, size):
+    return (torch.tensor(colour, dtype=torch.float) / 255 - 0.5).div(0.5).view(3, 1, 1).expand(3, size, size)
+
+
+def test_tile_views_global_first_then_tiles_row_major():
+    colours = [(255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 0)]  # top left, top right, bottom left, bottom right
+    img = quadrants(colours, 96, 64)                                   # any size: squashed onto the 2x2 canvas
+    views = data.tile_views(img, 16, (2, 2))
+    assert views.shape == (5, 3, 16, 16)
+    assert torch.equal(views[0], data.preprocess(img, 16))             # the global view: the whole image
+    for k, colour in enumerate(colours):  # 4 pixels in from the cut: beyond where bicubic blends quadrants
+        torch.testing.assert_close(views[1 + k][:, 4:12, 4:12], solid(colour, 8), atol=1e-6, rtol=0)
+    img = quadrants(colours, 64, 32)
+    wide, canvas = data.tile_views(img, 16, (1, 2)), data.preprocess(img, 32, 16)  # canvas (3, 16, 32)
+    assert canvas.shape == (3, 16, 32)
+    assert torch.equal(wide[1], canvas[:, :, :16]) and torch.equal(wide[2], canvas[:, :, 16:])
+
+
+def test_tiled_image_block_layout(tok):
+    n, S = 3, tok.image_id
+    rc = tok.row_col_id
+    assert data.image_block(tok, n) == [S] * 3
+    assert data.image_block(tok, n, (2, 3)) == ([tok.global_image_id] + [S] * 3
+                                                + [rc(1, 1)] + [S] * 3 + [rc(1, 2)] + [S] * 3 + [rc(1, 3)] + [S] * 3
+                                                + [rc(2, 1)] + [S] * 3 + [rc(2, 2)] + [S] * 3 + [rc(2, 3)] + [S] * 3)
+    assert tok.decode(data.image_block(tok, 1, (1, 2))) == "<global_image><|image|><row_1_col_1><|image|><row_1_col_2><|image|>"
+
+
+def test_image_input_with_and_without_tiling(tok):
+    img = quadrants([(255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 0)], 128, 64)
+    views, block = data.image_input(tok, img, 32, 4)
+    assert torch.equal(views, data.preprocess(img, 32)[None]) and block == [tok.image_id] * 4
+    views, block = data.image_input(tok, img, 32, 4, grids=GRIDS)     # 128x64 -> one row of two tiles
+    assert torch.equal(views, data.tile_views(img, 32, (1, 2))) and block == data.image_block(tok, 4, (1, 2))
+    # two images in one conversation: each marker takes its own block, in order
+    msgs = [{"role": "user", "content": "<image>\n<image>\nWhich?"}, {"role": "assistant", "content": "the first"}]
+    ids, _ = data.encode_chat(tok, msgs, [block, 2])
+    assert tok.decode(ids).startswith("<|im_start|>user\n<global_image>" + "<|image|>" * 4 + "<row_1_col_1>"
+                                      + "<|image|>" * 4 + "<row_1_col_2>" + "<|image|>" * 4 + "\n<|image|><|image|>\nWhich?")
+
+
 # ----------------------------------------------------------------------------- collator
 
 

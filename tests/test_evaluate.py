@@ -157,7 +157,8 @@ def test_print_table_formats_fractions_seconds_and_the_rest(capsys):
 # ----------------------------------------------------------------------------- the evaluation loops, with stub models
 
 EVAL_CFG = SimpleNamespace(image_size=64, max_objects=3, seed=0, eval_questions=14, eval_grounding=3,
-                           eval_pope=6, eval_captions=6, eval_batch_size=4)
+                           eval_pope=6, eval_captions=6, eval_batch_size=4, world_size=0, object_scale=1.0,
+                           two_image_share=0.0, eval_two_image=12)
 VQA_TYPES = [t for t in shapes.QUESTION_TYPES if t != "grounding"]
 
 
@@ -294,6 +295,7 @@ class EchoModel:
     """A stand-in VLM whose 'answer' names what it was given: the question of its row (read
     back from the left-padded prompt ids) and the mean pixel of the image in the same row."""
     num_image_tokens = 3
+    cfg = SimpleNamespace(tile_grids=())  # one view per image
 
     def __init__(self, tok):
         self.tok, self.calls = tok, []
@@ -334,3 +336,57 @@ def test_vqa_set_of_a_one_object_world_ends_without_relation_questions(monkeypat
     assert "vqa_acc_relation" not in m and m["vqa_acc"] == 1.0
     (items,) = calls
     assert all(len(s.objects) == 1 for s, _ in items)
+
+
+# ----------------------------------------------------------------------------- two images, tiling
+
+
+def test_two_image_set_is_balanced_and_an_oracle_scores_one(monkeypatch):
+    """The oracle (the pair's own answers) scores 1; a model that always says "the second
+    image" scores exactly 1/2 on "more" (balanced) and 0 on "change"."""
+    calls, pairs = [], {}
+    two_image_pair = shapes.two_image_pair
+
+    def recording_pair(split, index, cfg):
+        first, second, qs = two_image_pair(split, index, cfg)
+        pairs.update({(shapes.scene_signature(first), shapes.scene_signature(second), q): a for _, q, a in qs})
+        return first, second, qs
+    monkeypatch.setattr(shapes, "two_image_pair", recording_pair)
+    oracle = lambda scenes, q: pairs[tuple(shapes.scene_signature(s) for s in scenes) + (q,)]
+    stub_answerer(monkeypatch, oracle, calls)
+    m = evaluate.evaluate_two_image(None, None, EVAL_CFG, "cpu")
+    assert m == {"vqa_acc_two_image": 1.0, "vqa_acc_two_image_change": 1.0, "vqa_acc_two_image_more": 1.0}
+    (items,) = calls
+    assert len(items) == EVAL_CFG.eval_two_image and all(len(scenes) == 2 for scenes, _ in items)
+    stub_answerer(monkeypatch, lambda scenes, q: "The second image.")
+    m = evaluate.evaluate_two_image(None, None, EVAL_CFG, "cpu")
+    assert (m["vqa_acc_two_image_more"], m["vqa_acc_two_image_change"], m["vqa_acc_two_image"]) == (0.5, 0.0, 0.25)
+
+
+class RecordingModel:
+    """A stand-in VLM that records the prompt ids and image views generate() is given."""
+    num_image_tokens = 2
+
+    def __init__(self, tile_grids=()):
+        self.cfg, self.seen = SimpleNamespace(tile_grids=tile_grids), []
+
+    def generate(self, input_ids, images, attention_mask, max_new_tokens, stop_id):
+        self.seen.append((input_ids, images))
+        return [[] for _ in input_ids]
+
+
+def test_answer_batch_gives_each_image_its_own_block_in_order():
+    tok = data.Tokenizer({bytes([b]): b for b in range(256)})
+    first, second = (shapes.render(shapes.make_scene("test", i, shapes.WorldConfig())) for i in (0, 1))
+    model = RecordingModel()
+    evaluate.answer_batch(model, tok, [[first, second]], [evaluate.question("What changed?", 2)], 16, "cpu")
+    (ids, images), = model.seen
+    assert torch.equal(images, torch.stack([data.preprocess(first, 16), data.preprocess(second, 16)]))
+    assert tok.decode(ids[0]).startswith("<|im_start|>user\n<|image|><|image|>\n<|image|><|image|>\nWhat changed?")
+    # tiled: a 2x2 grid for a square image, global view first, each view its own tagged block
+    model = RecordingModel(tile_grids=((1, 2), (2, 2)))
+    evaluate.answer_batch(model, tok, [first], [evaluate.question("What colour?")], 16, "cpu")
+    (ids, images), = model.seen
+    assert torch.equal(images, data.tile_views(first, 16, (2, 2)))
+    assert tok.decode(ids[0]).startswith("<|im_start|>user\n<global_image><|image|><|image|><row_1_col_1><|image|>"
+                                         "<|image|><row_1_col_2><|image|><|image|><row_2_col_1>")

@@ -310,3 +310,63 @@ def test_conversation_types_and_reasoning():
                 n1, n2 = (sum(o.colour == c for o in TWO.objects) for c in (c1, c2))
                 assert a.startswith("yes" if n1 > n2 else "no")
     assert all(kinds[k] > 30 for k in ("detail", "multi-turn", "reasoning")), kinds
+
+
+# ----------------------------------------------------------------------------- two images
+
+def expected_change(first, second):
+    """What changed, worked out from the two object lists alone: objects are matched by their
+    grid cell, which no change moves."""
+    a = {o.region: o for o in first.objects}
+    b = {o.region: o for o in second.objects}
+    if a.keys() != b.keys():
+        (region,) = a.keys() ^ b.keys()  # exactly one cell gained or lost its object
+        assert all(a[r] == b[r] for r in a.keys() & b.keys())  # nothing else touched
+        if region in b:
+            added = b[region]
+            return ("an " if added.colour[0] in "aeiou" else "a ") + f"{added.colour} {added.shape} was added"
+        return f"the {a[region].colour} {a[region].shape} was removed"
+    (r,) = [r for r in a if a[r] != b[r]]  # exactly one object differs
+    old, new = a[r], b[r]
+    assert (old.size, old.box) == (new.size, new.box)
+    if old.colour != new.colour:
+        assert old.shape == new.shape
+        return f"the {old.colour} {old.shape} turned {new.colour}"
+    return f"the {old.colour} {old.shape} became {'an' if new.shape[0] in 'aeiou' else 'a'} {new.shape}"
+
+
+def test_two_image_pairs_answer_what_the_scenes_show():
+    cfg = WorldConfig()
+    kinds = Counter()
+    for i in range(400):
+        first, second, qs = shapes.two_image_pair("test", i, cfg)
+        assert shapes.scene_signature(first) == shapes.scene_signature(shapes.make_scene("test", i, cfg))
+        answers = {t: a for t, _, a in qs}
+        assert answers["change"] == expected_change(first, second)
+        changed = [o for o in first.objects if o not in second.objects]
+        if changed:  # a changed or removed object is named by a colour and shape no other object has
+            assert [(o.colour, o.shape) for o in first.objects].count((changed[0].colour, changed[0].shape)) == 1
+        n1, n2 = len(first.objects), len(second.objects)
+        assert answers.get("more") == (None if n1 == n2 else "the first image" if n1 > n2 else "the second image")
+        kinds[re.search(r"turned|became|added|removed", answers["change"])[0]] += 1
+        assert len(second.objects) >= 1
+    assert all(kinds[k] > 40 for k in ("turned", "became", "added", "removed")), kinds  # every kind, often
+    again = shapes.two_image_pair("test", 7, cfg)  # a pure function of (cfg, split, index)
+    assert shapes.render(again[1]).tobytes() == shapes.render(shapes.two_image_pair("test", 7, cfg)[1]).tobytes()
+
+
+def test_two_image_pairs_keep_held_out_pairs_out_of_train():
+    cfg = WorldConfig(held_out_pairs=[("red", "circle"), ("blue", "ring")])
+    for i in range(300):
+        first, second, _ = shapes.two_image_pair("train", i, cfg)
+        assert not {(o.colour, o.shape) for o in first.objects + second.objects} & {("red", "circle"), ("blue", "ring")}
+
+
+def test_object_scale_shrinks_the_shapes():
+    big = [o for s in scenes("train", 200, WorldConfig(image_size=128)) for o in s.objects]
+    small = [o for s in scenes("train", 200, WorldConfig(image_size=128, object_scale=0.5)) for o in s.objects]
+    side = lambda objs, size: np.mean([o.box[2] - o.box[0] for o in objs if o.size == size])
+    for size in shapes.SIZES:  # half the side, within rounding
+        assert abs(side(small, size) / side(big, size) - 0.5) < 0.03, size
+    with pytest.raises(ValueError, match="object_scale"):
+        WorldConfig(object_scale=0)

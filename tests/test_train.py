@@ -16,7 +16,7 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -335,6 +335,49 @@ def test_instruct_labels_are_answers_about_the_sample_own_image(world):
                 assert answer == ("yes" if (m[1], m[2]) in present else "no"), (question, answer, present)
                 checked += 1
     assert checked >= 8   # not vacuous: at least one POPE-style probe per row, plus counts
+
+
+@pytest.mark.parametrize("tile_grids", ["", "2x2"])
+def test_two_image_samples_put_each_image_in_its_own_block_in_order(world, tile_grids):
+    """With two_image_share, some instruct rows hold a pair (shapes.two_image_pair) and its
+    questions: the images tensor lists each row's views in order (first image, second image;
+    with tiling each image's global view then its tiles), the prompt has one block per image
+    (tagged <global_image>, <row_i_col_j> when tiled), the labels are the pair's answers, and
+    VLM.embed writes view k's visual tokens over the k-th block of slots of the batch."""
+    cfg, tok = world
+    cfg = replace(cfg, two_image_share=0.5, tile_grids=tile_grids, projector="resampler", resampler_queries=4)
+    n_img = 4  # the resampler's visual tokens per view
+    batch = train.vlm_batch(cfg, tok, "instruct", 0, 0, n_img, 8)
+    views_per_image = 5 if tile_grids else 1
+    view = lambda scene: (data.tile_views(shapes.render(scene), cfg.image_size, (2, 2)) if tile_grids
+                          else data.preprocess(shapes.render(scene), cfg.image_size)[None])
+    k, n_pairs = 0, 0
+    for i, (ids, labels) in enumerate(rows(batch)):
+        qa = check_labels_are_exactly_the_answers(tok, ids, labels)
+        n_images = ids.count(tok.image_id) // (n_img * views_per_image)
+        index, _ = train.scene_rng(cfg, "instruct", 0, 0, i)
+        if n_images == 2:
+            first, second, questions = shapes.two_image_pair("train", index, evaluate.world_config(cfg))
+            asked = [(q.split("\n")[-1], a) for q, a in qa]  # the text after the image blocks and their tags
+            assert sorted(asked) == sorted((q, a) for _, q, a in questions)
+            scenes, n_pairs = [first, second], n_pairs + 1
+        else:
+            scenes = [scene_of(cfg, "instruct", 0, i)]
+        block = data.image_block(tok, n_img, (2, 2) if tile_grids else None)
+        user = ids[turns(tok, ids)[0][1]:]
+        assert user[:len(block) * len(scenes) + len(scenes)] == sum(([*block] + tok.encode("\n") for _ in scenes), [])
+        for scene in scenes:
+            assert torch.equal(batch["images"][k:k + views_per_image], view(scene))
+            k += views_per_image
+    assert k == len(batch["images"]) and 0 < n_pairs < 8
+    torch.manual_seed(0)
+    model = VLM(train.vlm_config(cfg, tok))
+    with torch.no_grad():
+        embeds, visual = model.embed(batch["input_ids"], batch["images"]), model.encode_images(batch["images"])
+    slots = (batch["input_ids"] == tok.image_id).nonzero().tolist()  # (row, position), row-major order
+    assert len(slots) == visual.shape[0] * n_img
+    for s, (b, t) in enumerate(slots):  # the s-th slot of the batch holds token s % N' of view s // N'
+        assert torch.equal(embeds[b, t], visual[s // n_img, s % n_img])
 
 
 def test_lm_batch_labels_every_token_and_has_no_image(world):
