@@ -130,6 +130,16 @@ def answer_all(model, tok, items, cfg, device, max_new_tokens=24):
     return answers
 
 
+def focus_types(cfg):
+    """The question types of a focused run ("colour,shape" -> ("colour", "shape")), or () for
+    the full mix. Unknown names are a ValueError listing the valid ones."""
+    types = tuple(t.strip() for t in cfg.question_types.split(",") if t.strip())
+    unknown = [t for t in types if t not in shapes.QUESTION_TYPES]
+    if unknown:
+        raise ValueError(f"--question_types: unknown {', '.join(unknown)}; valid: {', '.join(shapes.QUESTION_TYPES)}")
+    return types
+
+
 def world_config(cfg):
     return shapes.WorldConfig(image_size=cfg.world_size or cfg.image_size, max_objects=cfg.max_objects,
                               seed=cfg.seed, object_scale=cfg.object_scale)
@@ -143,17 +153,19 @@ def evaluate_vqa(model, tok, cfg, device):
     """VQA accuracy per type on eval_questions test questions spread evenly over the types,
     and grounding accuracy on eval_grounding box questions. Each test scene gives one
     question, of the type with the fewest so far among those the scene allows (a
-    one-object scene has no relation question, so a one-object world scores none)."""
-    vqa_types = [t for t in shapes.QUESTION_TYPES if t != "grounding"]
+    one-object scene has no relation question, so a one-object world scores none). A
+    focused run (--question_types) is scored on its own types only."""
+    asked = focus_types(cfg) or shapes.QUESTION_TYPES
+    vqa_types = [t for t in asked if t != "grounding"]
     quota = {t: cfg.eval_questions // len(vqa_types) + (k < cfg.eval_questions % len(vqa_types))
              for k, t in enumerate(vqa_types)}
-    quota["grounding"] = cfg.eval_grounding
+    quota["grounding"] = cfg.eval_grounding if "grounding" in asked else 0
     items, types, answers = [], [], []
     for index in range(50 * sum(quota.values())):  # bounded: a world may lack a type altogether
         if len(items) == sum(quota.values()):
             break
         scene, rng = test_scene(cfg, index), random.Random(f"vqa/{index}")
-        wanted = [(t, q, a) for t, q, a in shapes.questions(scene, rng) if types.count(t) < quota[t]]
+        wanted = [(t, q, a) for t, q, a in shapes.questions(scene, rng) if types.count(t) < quota.get(t, 0)]
         if wanted:
             t, q, a = min(wanted, key=lambda tqa: types.count(tqa[0]))
             items.append((scene, q))

@@ -110,6 +110,8 @@ class Config:
     instruct_turns: int = 4               # questions per conversation: answers per image per forward pass
     loss_per_answer: bool = False         # align/instruct: each answer weighs the same, not each token
     two_image_share: float = 0.0          # instruct: share of samples that are two-image conversations
+    question_types: str = ""              # instruct and VQA evaluation: only these shapes.QUESTION_TYPES,
+                                          # comma-separated (e.g. "colour,shape"); "": all, POPE and conversations
     lora_rank: int = 0                    # instruct: > 0 trains LoRA adapters of this rank (at instruct_lr)
                                           # instead of the whole LLM; merged into the weights at the end
     lora_alpha: float = 16.0              # LoRA's update is scaled by lora_alpha / lora_rank
@@ -423,10 +425,15 @@ def fit_turns(tok, scenes, turns, image_tokens, cfg):
     return {"input_ids": ids, "labels": labels, "images": images}
 
 
-def instruct_turns(scene, rng, n_turns):
+def instruct_turns(scene, rng, n_turns, types=()):
     """Several answers per image per forward pass: n_turns questions of the scene (every
     type, and a POPE-style probe with any kind of negative) in a random order, or one of
-    LLaVA's conversation types (QA, detailed description, reasoning)."""
+    LLaVA's conversation types (QA, detailed description, reasoning). With `types`, a
+    focused run: questions of those types only (or, for a scene that has none, any)."""
+    if types:
+        turns = [(q, a) for t, q, a in shapes.questions(scene, rng) if t in types] or \
+            [(q, a) for _, q, a in shapes.questions(scene, rng)]
+        return rng.sample(turns, min(n_turns, len(turns)))
     if rng.random() < 0.8:
         turns = [(q, a) for _, q, a in shapes.questions(scene, rng)]
         kind = rng.choice(shapes.POPE_KINDS)
@@ -455,7 +462,8 @@ def vlm_batch(cfg, tok, stage, step, micro, image_tokens, batch_size, split="tra
             turns = [(q, a) for _, q, a in rng.sample(questions, len(questions))]
             samples.append(fit_turns(tok, [first, second], turns, image_tokens, cfg))
         else:
-            samples.append(fit_turns(tok, [scene], instruct_turns(scene, rng, cfg.instruct_turns), image_tokens, cfg))
+            turns = instruct_turns(scene, rng, cfg.instruct_turns, evaluate.focus_types(cfg))
+            samples.append(fit_turns(tok, [scene], turns, image_tokens, cfg))
     for s in samples:  # only a first turn longer than the context is still cut
         s["input_ids"], s["labels"] = s["input_ids"][: cfg.max_seq_len], s["labels"][: cfg.max_seq_len]
     return data.collate(samples, tok.pad_id)
@@ -563,6 +571,10 @@ def stage_clip(cfg, tok, device, dtype, resume=None, save=None):
 def stage_vlm(stage, cfg, tok, device, dtype, resume=None, save=None):
     """lm, align or instruct: the same VLM, the same loop; what differs is which towers
     train (the rest is frozen), at which learning rates, and on which conversations."""
+    try:  # a typo in --question_types stops the run now, not after training
+        evaluate.focus_types(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     model = build_vlm(cfg, tok, stage, device)
     lora = stage == "instruct" and cfg.lora_rank > 0
     if lora:  # before a resume: a checkpoint taken mid-stage holds the adapters

@@ -158,7 +158,7 @@ def test_print_table_formats_fractions_seconds_and_the_rest(capsys):
 
 EVAL_CFG = SimpleNamespace(image_size=64, max_objects=3, seed=0, eval_questions=14, eval_grounding=3,
                            eval_pope=6, eval_captions=6, eval_batch_size=4, world_size=0, object_scale=1.0,
-                           two_image_share=0.0, eval_two_image=12)
+                           two_image_share=0.0, eval_two_image=12, question_types="")
 VQA_TYPES = [t for t in shapes.QUESTION_TYPES if t != "grounding"]
 
 
@@ -390,3 +390,14 @@ def test_answer_batch_gives_each_image_its_own_block_in_order():
     assert torch.equal(images, data.tile_views(first, 16, (2, 2)))
     assert tok.decode(ids[0]).startswith("<|im_start|>user\n<global_image><|image|><|image|><row_1_col_1><|image|>"
                                          "<|image|><row_1_col_2><|image|><|image|><row_2_col_1>")
+
+
+def test_a_focused_run_is_scored_on_its_own_types(monkeypatch, gold):
+    cfg = SimpleNamespace(**{**vars(EVAL_CFG), "question_types": "colour, shape"})
+    calls = []
+    stub_answerer(monkeypatch, lambda s, q: gold[shapes.scene_signature(s), q][1], calls)
+    m = evaluate.evaluate_vqa(None, None, cfg, "cpu")
+    assert set(m) == {"vqa_acc", "vqa_acc_colour", "vqa_acc_shape"} and m["vqa_acc"] == 1.0
+    assert len(calls[0]) == cfg.eval_questions
+    with pytest.raises(ValueError, match="unknown colours; valid: colour, shape"):
+        evaluate.focus_types(SimpleNamespace(question_types="colours"))

@@ -380,6 +380,16 @@ def test_two_image_samples_put_each_image_in_its_own_block_in_order(world, tile_
         assert torch.equal(embeds[b, t], visual[s // n_img, s % n_img])
 
 
+def test_a_focused_instruct_run_asks_only_its_question_types(world):
+    cfg, tok = world
+    cfg = replace(cfg, question_types="colour,shape")
+    batch = train.vlm_batch(cfg, tok, "instruct", 0, 0, 16, 8)
+    answers = [a for ids, labels in rows(batch) for _, a in check_labels_are_exactly_the_answers(tok, ids, labels)]
+    assert len(answers) >= 8 and set(answers) <= set(shapes.COLOURS) | set(shapes.SHAPES)
+    with pytest.raises(ConfigError, match="unknown size2"):
+        train.stage_vlm("instruct", replace(cfg, question_types="size2"), tok, "cpu", torch.float32)
+
+
 def test_lm_batch_labels_every_token_and_has_no_image(world):
     """lm is plain language modelling: every real token is a target, padding none, no image."""
     cfg, tok = world
