@@ -361,8 +361,6 @@ def world_texts(cfg):
             texts += [question, answer]
         for question, answer in shapes.conversation(scene, rng):
             texts += [question, answer]
-        if cfg.two_image_share > 0:
-            texts += [text for _, q, a in shapes.two_image_pair("train", i, world)[2] for text in (q, a)]
     return texts
 
 
