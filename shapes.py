@@ -519,36 +519,30 @@ def conversation(scene, rng):
 # -----------------------------------------------------------------------------
 # two images: questions only a comparison of both can answer
 
-CHANGES = ("colour", "shape", "added", "removed")
+CHANGES = {"colour": "the colour of one object", "shape": "the shape of one object",  # change -> answer
+           "added": "one shape was added", "removed": "one shape was removed"}
 TWO_IMAGE_TYPES = ("change", "more")  # metric keys: vqa_acc_two_image_change, vqa_acc_two_image_more
 
 
 def _edit(scene, change, rng, pairs, weights, scale):
-    """(objects of the scene after one change, the answer naming it), or None when the scene
-    does not allow this change. A changed or removed object is named by its colour and
-    shape, so only an object whose pair is unique in the scene can be."""
+    """The objects of the scene after one change, or None when the scene does not allow it
+    (a scene is never left empty; a colour or shape is changed to another the split allows)."""
     objects = list(scene.objects)
     if change == "added":
         free = [r for r in range(len(REGIONS)) if r not in {o.region for o in objects}]
         if not free:
             return None
-        colour, shape = rng.choices(pairs, weights)[0]
-        new = _place(rng, scene.image_size, rng.choice(free), colour, shape, scale)
-        return sorted(objects + [new], key=lambda o: o.region), f"{_a(f'{colour} {shape}')} was added"
-    unique = [o for o in objects if [(p.colour, p.shape) for p in objects].count((o.colour, o.shape)) == 1]
-    if not unique or (change == "removed" and len(objects) < 2):  # a scene is never empty
-        return None
-    obj = rng.choice(unique)
-    name, k = f"the {obj.colour} {obj.shape}", objects.index(obj)
+        new = _place(rng, scene.image_size, rng.choice(free), *rng.choices(pairs, weights)[0], scale)
+        return sorted(objects + [new], key=lambda o: o.region)
+    k = rng.randrange(len(objects))
+    obj = objects[k]
     if change == "removed":
-        return objects[:k] + objects[k + 1:], f"{name} was removed"
+        return objects[:k] + objects[k + 1:] if len(objects) > 1 else None
     if change == "colour":
-        colour = rng.choice([c for c, s in pairs if s == obj.shape and c != obj.colour] or [None])
-        objects[k] = replace(obj, colour=colour)
-        return (objects, f"{name} turned {colour}") if colour else None
-    shape = rng.choice([s for c, s in pairs if c == obj.colour and s != obj.shape] or [None])
-    objects[k] = replace(obj, shape=shape)  # every shape fills the same box
-    return (objects, f"{name} became {_a(shape)}") if shape else None
+        options = [replace(obj, colour=c) for c, s in pairs if s == obj.shape and c != obj.colour]
+    else:  # every shape fills the same box
+        options = [replace(obj, shape=s) for c, s in pairs if c == obj.colour and s != obj.shape]
+    return objects[:k] + [rng.choice(options)] + objects[k + 1:] if options else None
 
 
 def two_image_pair(split, index, cfg):
@@ -556,21 +550,19 @@ def two_image_pair(split, index, cfg):
     one change, drawn uniformly among those the scene allows: an object's colour or shape
     changed, an object added or removed. A pure function of (cfg, split, index). The first
     image is a scene of `split`, so a test pair is never a training pair. The questions:
-    "change" (what changed) always, and "more" (which image has more shapes) when an object
-    was added or removed."""
+    "change" (what kind of change, a short answer like VQA's) always, and "more" (which
+    image has more shapes) when an object was added or removed."""
     first = make_scene(split, index, cfg)
     held_out = set(cfg.held_out_pairs) if split == "train" else set()
     pairs = [p for p in ALL_PAIRS if p not in held_out]
     weights = [frequency(*p) for p in pairs]
     rng = random.Random(_stable_int(cfg.seed, split, index, "two images"))
-    edits = [e for e in (_edit(first, change, rng, pairs, weights, cfg.object_scale) for change in CHANGES) if e]
-    if not edits:  # only with every cell taken and no object named uniquely
-        raise ValueError(f"scene {index} of {split} allows no change to be named")
-    objects, answer = rng.choice(edits)
+    edits = [(c, e) for c in CHANGES if (e := _edit(first, c, rng, pairs, weights, cfg.object_scale))]
+    change, objects = rng.choice(edits)  # never empty: any object can take another colour
     second = Scene(objects, first.image_size)
-    change = rng.choice(("What changed between the two images?", "What is different in the second image?",
-                         "What changed from the first image to the second?"))
-    out = [("change", change, answer)]
+    question = rng.choice(("What changed between the two images?", "What is different in the second image?",
+                           "What changed from the first image to the second?"))
+    out = [("change", question, CHANGES[change])]
     if len(first.objects) != len(second.objects):
         more = rng.choice(("Which image has more shapes?", "Which of the two images has more shapes?"))
         out.append(("more", more, "the first image" if len(first.objects) > len(second.objects) else "the second image"))

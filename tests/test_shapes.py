@@ -322,17 +322,11 @@ def expected_change(first, second):
     if a.keys() != b.keys():
         (region,) = a.keys() ^ b.keys()  # exactly one cell gained or lost its object
         assert all(a[r] == b[r] for r in a.keys() & b.keys())  # nothing else touched
-        if region in b:
-            added = b[region]
-            return ("an " if added.colour[0] in "aeiou" else "a ") + f"{added.colour} {added.shape} was added"
-        return f"the {a[region].colour} {a[region].shape} was removed"
-    (r,) = [r for r in a if a[r] != b[r]]  # exactly one object differs
+        return "one shape was added" if region in b else "one shape was removed"
+    (r,) = [r for r in a if a[r] != b[r]]  # exactly one object differs, in one attribute
     old, new = a[r], b[r]
-    assert (old.size, old.box) == (new.size, new.box)
-    if old.colour != new.colour:
-        assert old.shape == new.shape
-        return f"the {old.colour} {old.shape} turned {new.colour}"
-    return f"the {old.colour} {old.shape} became {'an' if new.shape[0] in 'aeiou' else 'a'} {new.shape}"
+    assert (old.size, old.box) == (new.size, new.box) and (old.colour == new.colour) != (old.shape == new.shape)
+    return "the colour of one object" if old.colour != new.colour else "the shape of one object"
 
 
 def test_two_image_pairs_answer_what_the_scenes_show():
@@ -343,14 +337,11 @@ def test_two_image_pairs_answer_what_the_scenes_show():
         assert shapes.scene_signature(first) == shapes.scene_signature(shapes.make_scene("test", i, cfg))
         answers = {t: a for t, _, a in qs}
         assert answers["change"] == expected_change(first, second)
-        changed = [o for o in first.objects if o not in second.objects]
-        if changed:  # a changed or removed object is named by a colour and shape no other object has
-            assert [(o.colour, o.shape) for o in first.objects].count((changed[0].colour, changed[0].shape)) == 1
         n1, n2 = len(first.objects), len(second.objects)
         assert answers.get("more") == (None if n1 == n2 else "the first image" if n1 > n2 else "the second image")
-        kinds[re.search(r"turned|became|added|removed", answers["change"])[0]] += 1
-        assert len(second.objects) >= 1
-    assert all(kinds[k] > 40 for k in ("turned", "became", "added", "removed")), kinds  # every kind, often
+        assert n2 >= 1
+        kinds[answers["change"]] += 1
+    assert len(kinds) == 4 and min(kinds.values()) > 60, kinds  # every kind of change, often
     again = shapes.two_image_pair("test", 7, cfg)  # a pure function of (cfg, split, index)
     assert shapes.render(again[1]).tobytes() == shapes.render(shapes.two_image_pair("test", 7, cfg)[1]).tobytes()
 
