@@ -429,8 +429,8 @@ def instruct_turns(scene, rng, n_turns, types=()):
     LLaVA's conversation types (QA, detailed description, reasoning). With `types`, a
     focused run: questions of those types only (or, for a scene that has none, any)."""
     if types:
-        turns = [(q, a) for t, q, a in shapes.questions(scene, rng) if t in types] or \
-            [(q, a) for _, q, a in shapes.questions(scene, rng)]
+        asked = shapes.questions(scene, rng)
+        turns = [(q, a) for t, q, a in asked if t in types] or [(q, a) for _, q, a in asked]
         return rng.sample(turns, min(n_turns, len(turns)))
     if rng.random() < 0.8:
         turns = [(q, a) for _, q, a in shapes.questions(scene, rng)]
