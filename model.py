@@ -152,6 +152,9 @@ class Attention(nn.Module):
         # one matmul for q, k and v; with GQA k and v have fewer heads than q
         self.qkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
         self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        # set keep_attention = True to keep each forward's softmax weights (B, H, T, S) in
+        # attention_weights, e.g. to see which image tokens an answer reads (notebooks/03_llava.ipynb)
+        self.keep_attention, self.attention_weights = False, None
 
     def forward(self, x, cos, sin, mask=None, kv_cache=None, layer=0):
         cfg = self.cfg
@@ -171,7 +174,11 @@ class Attention(nn.Module):
         v = v.repeat_interleave(group, dim=1)  # (B, H, S, hd)
         # vit.attention: SDPA, or the explicit softmax(QKᵀ/√hd)V it is tested against. Either
         # plain causal (no mask), or one mask that already holds causality (padding or cache)
-        y = attention(q, k, v, causal=mask is None, mask=mask, explicit=cfg.explicit_attention)  # (B, H, T, hd)
+        if self.keep_attention:
+            y, self.attention_weights = attention(q, k, v, causal=mask is None, mask=mask,
+                                                  return_weights=True)  # (B, H, T, hd), (B, H, T, S)
+        else:
+            y = attention(q, k, v, causal=mask is None, mask=mask, explicit=cfg.explicit_attention)  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim)  # (B, T, H·hd)
         return self.proj(y)  # (B, T, D)
 

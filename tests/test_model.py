@@ -232,6 +232,25 @@ def test_visual_tokens_land_on_image_slots(projector):
     torch.testing.assert_close(embeds[text], vlm.llm.tok_emb.weight[ids[text]])
 
 
+def test_kept_attention_weights_are_causal_hide_padding_and_leave_logits_alone():
+    torch.manual_seed(0)
+    vlm = tiny_vlm().eval()
+    ids = torch.randint(4, 40, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :3] = 0  # row 1 is left-padded by three tokens
+    plain, _ = vlm(ids, attention_mask=mask)
+    for block in vlm.llm.blocks:
+        block.attn.keep_attention = True
+    kept, _ = vlm(ids, attention_mask=mask)
+    torch.testing.assert_close(kept, plain, atol=1e-5, rtol=1e-5)
+    for block in vlm.llm.blocks:
+        w = block.attn.attention_weights  # (B, H, T, S)
+        assert w.shape == (2, 4, 10, 10)
+        torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 10))
+        assert (w.triu(1) == 0).all()  # no token reads a later one
+        assert (w[1, :, 3:, :3] == 0).all()  # real tokens never read the padding
+
+
 def test_image_slot_count_mismatch_raises():
     vlm = tiny_vlm()
     ids = torch.full((1, vlm.num_image_tokens + 1), IMG)
