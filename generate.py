@@ -28,6 +28,7 @@ import json
 import math
 import os
 import random
+import socket
 import sys
 import threading
 from dataclasses import dataclass, fields, replace
@@ -103,6 +104,10 @@ def save_scene(gen):
         print(f"  {kind:10s} {question}  ->  {answer}")
 
 
+def checkpoint_path(gen):
+    return gen.ckpt or os.path.join(gen.out_dir, "instruct.pt")
+
+
 def pick_device(gen):
     if gen.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -154,7 +159,7 @@ def main(argv):
         raise train.ConfigError("--prompt is empty; ask a question, or use --chat")
     device = pick_device(gen)
     image = data.load_image(gen.image)
-    model, tok, cfg = load_vlm(gen.ckpt or os.path.join(gen.out_dir, "instruct.pt"), device)
+    model, tok, cfg = load_vlm(checkpoint_path(gen), device)
     sampling = sampling_settings(gen, device)
     messages = []
     questions = iter(sys.stdin.readline, "") if gen.chat else [gen.prompt]
@@ -207,6 +212,7 @@ class ChatServer(ThreadingHTTPServer):
     thread; `lock` makes one generation (and any change to `chats`) happen at a time."""
 
     def __init__(self, address, model, tok, cfg, gen, device):
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET   # "::1" is IPv6
         super().__init__(address, ChatHandler)
         self.model, self.tok, self.cfg, self.gen, self.device = model, tok, cfg, gen, device
         self.sampling = sampling_settings(gen, device)
@@ -254,6 +260,7 @@ class ChatHandler(BaseHTTPRequestHandler):
     response themselves (the page, a stream) and return None."""
 
     server: ChatServer
+    timeout = 60   # seconds a socket read or write may wait: a stalled client does not hold a thread forever
     ROUTES = {"/": ("GET", "get_page"), "/api/info": ("GET", "get_info"), "/api/image": ("POST", "post_image"),
               "/api/scene": ("POST", "post_scene"), "/api/new": ("POST", "post_new"),
               "/api/chat": ("POST", "post_chat")}
@@ -279,7 +286,7 @@ class ChatHandler(BaseHTTPRequestHandler):
             self.send_json(e.status, {"error": e.message})
         except (train.ConfigError, data.ImageError) as e:   # the same one-line errors as the command line
             self.send_json(400, {"error": str(e)})
-        except (BrokenPipeError, ConnectionResetError):     # the page went away in the middle of an answer
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):   # the page went away or stalled
             pass
 
     def send_error(self, code, message=None, explain=None):
@@ -334,7 +341,7 @@ class ChatHandler(BaseHTTPRequestHandler):
 
     def get_info(self):
         s = self.server
-        return {"checkpoint": s.gen.ckpt or os.path.join(s.gen.out_dir, "instruct.pt"),
+        return {"checkpoint": checkpoint_path(s.gen),
                 "temperature": s.gen.temperature, "max_new_tokens": s.gen.max_new_tokens,
                 "context": s.cfg.max_seq_len, "max_upload_bytes": int(s.gen.max_upload_mb * 2**20)}
 
@@ -409,7 +416,7 @@ def make_server(gen):
     if not 0 <= gen.port <= 65535:
         raise train.ConfigError(f"--port must be between 0 (any free port) and 65535, not {gen.port}")
     device = pick_device(gen)
-    model, tok, cfg = load_vlm(gen.ckpt or os.path.join(gen.out_dir, "instruct.pt"), device)
+    model, tok, cfg = load_vlm(checkpoint_path(gen), device)
     try:
         return ChatServer((gen.host, gen.port), model, tok, cfg, gen, device)
     except OSError as e:   # port in use, an address this machine does not have, ...

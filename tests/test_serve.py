@@ -335,7 +335,8 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    """Headless chromium. Missing here: skipped with the reason printed; in CI (CI set): a failure."""
+    """Headless chromium. Missing here: skipped, with the reason in pytest's summary (-rs in
+    pytest.ini); in CI (the CI variable set, as .ci/run does): a failure."""
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not shutil.which(p)]
     try:
         from selenium import webdriver
@@ -345,7 +346,6 @@ def browser(tmp_path_factory):
         reason = "browser test needs " + ", ".join(missing) + " (apt-get install chromium chromium-driver)"
         if os.environ.get("CI"):
             pytest.fail(reason)
-        print(f"\nskipped: {reason}")
         pytest.skip(reason)
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
