@@ -15,6 +15,7 @@ Run the tests: python -m pytest -q tests/test_data.py
 """
 import collections
 import heapq
+import io
 import json
 import os
 import warnings
@@ -282,12 +283,25 @@ def load_image(path):
         raise ImageError(path, "is a directory, not an image file")
     if path.stat().st_size == 0:
         raise ImageError(path, "empty file (0 bytes)")
+    return _decode_image(path, path)
+
+
+def image_from_bytes(raw, name):
+    """An image held in memory (an upload) as RGB, refused like load_image refuses a file;
+    `name` stands for the file in the error message."""
+    if not raw:
+        raise ImageError(name, "empty file (0 bytes)")
+    return _decode_image(io.BytesIO(raw), name)
+
+
+def _decode_image(source, path):
+    """Decode a file or file-like object with Pillow, with every check load_image promises."""
     try:
         with warnings.catch_warnings():
             # Image.open raises DecompressionBombError above 2x the limit but only warns between
             # 1x and 2x; we silence that warning and refuse everything over 1x ourselves below.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:   # reads the header only; animations open on frame 0
+            with Image.open(source) as img:   # reads the header only; animations open on frame 0
                 limit = Image.MAX_IMAGE_PIXELS
                 if limit is not None and img.width * img.height > limit:
                     raise ImageError(path, f"{img.width}x{img.height} pixels is over Pillow's "
