@@ -108,17 +108,18 @@ def answer_questions(gen):
     t0 = time.time()
     progress = lambda n: print(f"answered {n}/{len(rows)} | {n / (time.time() - t0):.1f} questions/s", flush=True)
     answers = evaluate.answer_rows(model, tok, rows, cfg.image_size, device, gen.batch_size, gen.max_new_tokens, progress)
+    questions = [evaluate.split_question(row) for row in rows]   # (conversation, reference or None)
     with open(gen.answers, "w", encoding="utf-8") as f:
-        for row, answer in zip(rows, answers):
-            prompt = evaluate.split_question(row)[0][-1]["content"]
+        for row, (conversation, _), answer in zip(rows, questions, answers):
+            prompt = data.without_images(conversation[-1:])[0]["content"]   # the question, as model_vqa writes it
             f.write(json.dumps({"question_id": row.id, "prompt": prompt, "text": answer}, ensure_ascii=False) + "\n")
     print(f"wrote {gen.answers}")
-    scored = [(answer, evaluate.split_question(row)[1]) for row, answer in zip(rows, answers)
-              if evaluate.split_question(row)[1] is not None]
+    scored = [(answer, reference) for (_, reference), answer in zip(questions, answers) if reference is not None]
     if scored:
         scores = evaluate.exact_match(*zip(*scored))
-        print(f"exact match {100 * scores['exact_match']:.1f} % of {scores['n']} questions; per reference answer:")
-        for answer, s in scores["per_answer"].items():
+        print(f"exact match {100 * scores['exact_match']:.1f} % of {scores['n']} questions; "
+              f"per reference answer (the {min(20, len(scores['per_answer']))} commonest):")
+        for answer, s in list(scores["per_answer"].items())[:20]:
             print(f"  {answer[:40]:40s} {100 * s['exact_match']:5.1f} % of {s['n']}")
         path = os.path.splitext(gen.answers)[0] + ".scores.json"
         with open(path, "w", encoding="utf-8") as f:
