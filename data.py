@@ -18,7 +18,9 @@ Run the tests: python -m pytest -q tests/test_data.py
 """
 import collections
 import heapq
+import io
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +154,24 @@ class Tokenizer:
                           "token_lengths": torch.tensor([len(t) for t in tokens], dtype=torch.int64)},
                 "special_tokens": list(SPECIAL_TOKENS)}
 
+    def save(self, path):
+        """A readable tokenizer.json: the tokens in rank order, each byte shown as the one
+        Latin-1 character of the same number (so " circle" reads as itself), written atomically."""
+        tokens = sorted(self.ranks, key=self.ranks.get)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"special_tokens": list(SPECIAL_TOKENS), "tokens": [t.decode("latin-1") for t in tokens]},
+                      f, indent=0)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved.get("special_tokens") != SPECIAL_TOKENS:
+            raise ValueError("its special tokens differ from this data.py's")
+        return cls({t.encode("latin-1"): rank for rank, t in enumerate(saved["tokens"])})
+
     @classmethod
     def from_state(cls, state):
         if state.get("special_tokens", SPECIAL_TOKENS) != SPECIAL_TOKENS:
@@ -284,12 +304,25 @@ def load_image(path):
         raise ImageError(path, "is a directory, not an image file")
     if path.stat().st_size == 0:
         raise ImageError(path, "empty file (0 bytes)")
+    return _decode_image(path, path)
+
+
+def image_from_bytes(raw, name):
+    """An image held in memory (an upload) as RGB, refused like load_image refuses a file;
+    `name` stands for the file in the error message."""
+    if not raw:
+        raise ImageError(name, "empty file (0 bytes)")
+    return _decode_image(io.BytesIO(raw), name)
+
+
+def _decode_image(source, path):
+    """Decode a file or file-like object with Pillow, with every check load_image promises."""
     try:
         with warnings.catch_warnings():
             # Image.open raises DecompressionBombError above 2x the limit but only warns between
             # 1x and 2x; we silence that warning and refuse everything over 1x ourselves below.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:   # reads the header only; animations open on frame 0
+            with Image.open(source) as img:   # reads the header only; animations open on frame 0
                 limit = Image.MAX_IMAGE_PIXELS
                 if limit is not None and img.width * img.height > limit:
                     raise ImageError(path, f"{img.width}x{img.height} pixels is over Pillow's "

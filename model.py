@@ -339,13 +339,14 @@ class VLM(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, input_ids, images=None, attention_mask=None, max_new_tokens=32, temperature=0.0,
-                 top_k=None, top_p=None, stop_id=None, use_cache=True, generator=None):
-        """New token ids for each row of a left-padded prompt batch, without the stop token.
+    def stream(self, input_ids, images=None, attention_mask=None, max_new_tokens=32, temperature=0.0,
+               top_k=None, top_p=None, stop_id=None, use_cache=True, generator=None):
+        """Yield the next token of every row, (B,), one decoding step at a time: the loop that
+        generate() collects and a chat page shows as it runs. Stops after max_new_tokens
+        steps, or as soon as every row has produced stop_id at least once.
 
-        A row that has produced stop_id is finished: it keeps being fed its sampled tokens so
-        the batch stays rectangular, but nothing more is recorded for it. use_cache=False
-        recomputes the whole sequence every step (the reference the cache is tested against).
+        use_cache=False recomputes the whole sequence every step (the reference the cache is
+        tested against).
         """
         B, T = input_ids.shape
         if T + max_new_tokens - 1 > self.cfg.llm.max_seq_len:
@@ -357,19 +358,14 @@ class VLM(nn.Module):
         embeds = self.embed(input_ids, images)  # (B, T, D)
         cache = KVCache(self.cfg.llm, B, T + max_new_tokens, input_ids.device) if use_cache else None
         logits = self.llm(inputs_embeds=embeds, attention_mask=mask, kv_cache=cache)[:, -1]  # (B, V)
-        out = [[] for _ in range(B)]
-        done = [False] * B
+        stopped = torch.zeros(B, dtype=torch.bool, device=input_ids.device)  # (B,)
         for step in range(max_new_tokens):
             next_id = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-            for b, t in enumerate(next_id.tolist()):
-                if done[b]:
-                    continue
-                if t == stop_id:
-                    done[b] = True
-                else:
-                    out[b].append(t)
-            if all(done) or step == max_new_tokens - 1:
-                break
+            yield next_id
+            stopped |= next_id == stop_id
+            # the last token needs no forward pass: nothing will be sampled after it
+            if stopped.all() or step == max_new_tokens - 1:
+                return
             new = next_id[:, None]  # (B, 1)
             if use_cache:
                 logits = self.llm(new, attention_mask=torch.ones_like(new), kv_cache=cache)[:, -1]  # (B, V)
@@ -377,6 +373,24 @@ class VLM(nn.Module):
                 embeds = torch.cat([embeds, self.llm.tok_emb(new)], dim=1)  # (B, T+step+1, D)
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, T+step+1)
                 logits = self.llm(inputs_embeds=embeds, attention_mask=mask)[:, -1]  # (B, V)
+
+    def generate(self, input_ids, images=None, attention_mask=None, max_new_tokens=32, stop_id=None, **sampling):
+        """New token ids for each row of a left-padded prompt batch, without the stop token.
+
+        A row that has produced stop_id is finished: stream() keeps feeding it its sampled
+        tokens so the batch stays rectangular, but nothing more is recorded for it.
+        `sampling`: temperature, top_k, top_p, use_cache, generator, as for stream().
+        """
+        out = [[] for _ in range(input_ids.size(0))]
+        done = [False] * input_ids.size(0)
+        for next_id in self.stream(input_ids, images, attention_mask, max_new_tokens, stop_id=stop_id, **sampling):
+            for b, t in enumerate(next_id.tolist()):
+                if done[b]:
+                    continue
+                if t == stop_id:
+                    done[b] = True
+                else:
+                    out[b].append(t)
         return out
 
 

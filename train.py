@@ -21,6 +21,7 @@ out/metrics.json (one flat JSON object; fractions in [0, 1]; timings end in _sec
 Flags: --key=value or --key value; a bare --flag sets a boolean; unknown keys are refused.
 """
 
+import functools
 import json
 import math
 import os
@@ -52,6 +53,9 @@ class Config:
     dtype: str = "auto"           # auto (bf16 on capable GPUs, fp16 on others, fp32 on CPU) | float32 | bfloat16 | float16
     seed: int = 0
     log_every: int = 50
+    checkpoint_every: int = 100   # a stage saves its checkpoint every N steps, and at its end
+    resume: bool = False          # continue the run in out_dir: finished stages are skipped,
+                                  # a stage cut short goes on from its last checkpoint
     # the shapes world
     image_size: int = 64
     max_objects: int = 3
@@ -142,6 +146,10 @@ PRESETS = {
 
 class ConfigError(ValueError):
     """A user mistake on the command line: reported in one line, never a traceback."""
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (a NaN loss): reported in one line, its last checkpoint kept."""
 
 
 # -----------------------------------------------------------------------------
@@ -275,17 +283,26 @@ def make_optimizer(groups, cfg, device):
     return torch.optim.AdamW(param_groups, betas=(0.9, 0.95), fused=device.startswith("cuda"))
 
 
-def train_loop(name, model, groups, get_batch, loss_fn, steps, batch_size, cfg, device, dtype):
+def train_loop(name, model, groups, get_batch, loss_fn, steps, batch_size, cfg, device, dtype,
+               resume=None, checkpoint=None):
     """Run `steps` optimizer steps; get_batch(step, micro) returns a dict of tensors for
     that micro-batch (a pure function of its arguments, so a run is reproducible).
+    resume: a checkpoint of this loop to continue from (optimizer moments, step, losses, RNG).
+    checkpoint(state): called with that state every cfg.checkpoint_every steps and at the end.
     Returns the per-step losses."""
     opt = make_optimizer(groups, cfg, device)
     autocast = torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
     trainable = [p for g in opt.param_groups for p in g["params"]]
-    losses, t0 = [], time.time()
+    losses, start = [], 0
+    if resume is not None:  # the data stream needs no state: batch `step` is a pure function of step
+        opt.load_state_dict(resume["optimizer"])
+        scaler.load_state_dict(resume["scaler"])
+        torch.set_rng_state(resume["rng"])
+        losses, start = list(resume["losses"]), resume["step"]
+    t0 = time.time()
     model.train()
-    for step in range(steps):
+    for step in range(start, steps):
         for group in opt.param_groups:
             group["lr"] = group["peak_lr"] * lr_at(step, steps, cfg)
         total = 0.0
@@ -296,8 +313,8 @@ def train_loop(name, model, groups, get_batch, loss_fn, steps, batch_size, cfg, 
                 loss = loss_fn(model, batch) / cfg.grad_accum
             scaler.scale(loss).backward()
             total += loss.item()
-        if not math.isfinite(total):
-            raise RuntimeError(f"{name}: loss is {total} at step {step}; stopping (last checkpoint kept)")
+        if not math.isfinite(total):  # before the update: the weights and the last checkpoint stay good
+            raise TrainingError(f"{name}: loss is {total} at step {step}; stopped, the last checkpoint is kept")
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         scaler.step(opt)
@@ -305,11 +322,15 @@ def train_loop(name, model, groups, get_batch, loss_fn, steps, batch_size, cfg, 
         opt.zero_grad(set_to_none=True)
         losses.append(total)
         if step % cfg.log_every == 0 or step == steps - 1:
-            elapsed = time.time() - t0
-            rate = (step + 1) * batch_size * cfg.grad_accum / elapsed
-            eta = elapsed / (step + 1) * (steps - step - 1)
+            elapsed, done = time.time() - t0, step + 1 - start
+            rate = done * batch_size * cfg.grad_accum / elapsed
+            eta = elapsed / done * (steps - step - 1)
             print(f"{name} step {step:5d}/{steps} | loss {total:.4f} | lr {opt.param_groups[0]['lr']:.2e} "
                   f"| {rate:6.1f} samples/s | eta {eta:5.0f}s", flush=True)
+        every = cfg.checkpoint_every
+        if checkpoint is not None and ((every > 0 and (step + 1) % every == 0) or step + 1 == steps):
+            checkpoint({"step": step + 1, "losses": losses, "optimizer": opt.state_dict(),
+                        "scaler": scaler.state_dict(), "rng": torch.get_rng_state()})
     model.eval()
     return losses
 
@@ -344,15 +365,19 @@ def world_texts(cfg):
 
 
 def get_tokenizer(cfg):
-    """Reuse the tokenizer of an earlier stage's checkpoint, so that all stages share ids;
-    train a new one only when no checkpoint exists yet."""
-    for stage in STAGES:
-        path = os.path.join(cfg.out_dir, f"{stage}.pt")
-        if os.path.isfile(path):
-            return data.Tokenizer.from_state(load_checkpoint(path)["tokenizer"])
+    """The run's tokenizer, kept in out/tokenizer.json (and inside every checkpoint). A new
+    `--stage all` run trains it; a single stage or --resume reuses the saved one, so that
+    every stage of a run shares the same ids."""
+    path = os.path.join(cfg.out_dir, "tokenizer.json")
+    if (cfg.resume or cfg.stage != "all") and os.path.isfile(path):
+        try:
+            return data.Tokenizer.load(path)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON errors are ValueErrors
+            raise ConfigError(f"{path}: not a tokenizer file ({e})") from None
     t0 = time.time()
     tok = data.Tokenizer(data.train_bpe(world_texts(cfg), cfg.vocab_size))
     print(f"tokenizer: {tok.vocab_size} tokens trained in {time.time() - t0:.1f}s")
+    tok.save(path)
     return tok
 
 
@@ -632,60 +657,95 @@ def build_vlm(cfg, tok, stage, device):
     --vision_from) and the LLM from lm.pt; instruct continues from align.pt."""
     model = VLM(vlm_config(cfg, tok))
     if stage == "align":
-        load_vision(model, cfg.vision_from or os.path.join(cfg.out_dir, "clip.pt"))
-        load_weights(model.llm, load_checkpoint(os.path.join(cfg.out_dir, "lm.pt"))["model"], "lm.pt")
+        if cfg.vision_from:   # an earlier run's ViT (and projector) instead of this run's clip stage
+            load_vision(model, load_checkpoint(cfg.vision_from), cfg.vision_from)
+        else:
+            load_vision(model, finished_checkpoint(cfg, "clip", tok), os.path.join(cfg.out_dir, "clip.pt"))
+        load_weights(model.llm, finished_checkpoint(cfg, "lm", tok)["model"], os.path.join(cfg.out_dir, "lm.pt"))
     elif stage == "instruct":
-        load_weights(model, load_checkpoint(os.path.join(cfg.out_dir, "align.pt"))["model"], "align.pt")
+        load_weights(model, finished_checkpoint(cfg, "align", tok)["model"], os.path.join(cfg.out_dir, "align.pt"))
     return model.to(device)
 
 
-def load_vision(model, path):
-    """The ViT of a checkpoint into model.vision: CLIP's image tower from a clip.pt, or the
-    ViT and the projector of an align.pt / instruct.pt."""
-    ckpt = load_checkpoint(path)
+def load_vision(model, ckpt, path):
+    """A checkpoint's ViT into model.vision: CLIP's image tower from a clip.pt, or the ViT and
+    the projector of an align.pt / instruct.pt."""
     prefixes = ("visual.",) if ckpt.get("stage") == "clip" else ("vision.", "projector.")
     for prefix, module in zip(prefixes, (model.vision, model.projector)):
         part = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
         if not part:
             raise ConfigError(f"{path}: a {ckpt.get('stage')!r} checkpoint holds no {prefix.rstrip('.')} weights; "
                               f"use a clip.pt, align.pt or instruct.pt")
-        load_weights(module, part, os.path.basename(path))
+        load_weights(module, part, path)
 
 
-def load_weights(module, state, name):
+def trained_module(stage, model):
+    """What a stage's checkpoint holds: the lm stage trains (and saves) the LLM alone."""
+    return model.llm if stage == "lm" else model
+
+
+def load_weights(module, state, path):
     """Strict loading: a checkpoint from another config is one clear line, not a traceback."""
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         detail = lines[1] if len(lines) > 1 else lines[0] if lines else "shapes differ"
-        raise ConfigError(f"{name} was written by another config ({detail[:160]})") from None
+        raise ConfigError(f"{path} was written by another config ({detail[:160]})") from None
+
+
+def check_tokenizer(ckpt, tok, path):
+    """A checkpoint's ids mean something only with its own tokenizer: refuse to mix runs."""
+    try:
+        same = data.Tokenizer.from_state(ckpt["tokenizer"]).ranks == tok.ranks
+    except (KeyError, ValueError):
+        same = False
+    if not same:
+        raise ConfigError(f"{path}: its tokenizer does not match tokenizer.json in the same folder; "
+                          "it comes from another run")
+
+
+def finished_checkpoint(cfg, stage, tok):
+    """An earlier stage's checkpoint, checked: that stage finished, with this run's tokenizer."""
+    path = os.path.join(cfg.out_dir, f"{stage}.pt")
+    ckpt = load_checkpoint(path)
+    if "metrics" not in ckpt:
+        raise ConfigError(f"{path}: the {stage} stage stopped at step {ckpt.get('step')}; "
+                          "finish it with --resume")
+    check_tokenizer(ckpt, tok, path)
+    return ckpt
 
 
 # -----------------------------------------------------------------------------
 # the stages
 
-def stage_clip(cfg, tok, device, dtype, user=None):
+def stage_clip(cfg, tok, device, dtype, resume=None, save=None, user=None):
     """Contrastive pretraining of both towers on image-caption pairs, then zero-shot,
-    retrieval and linear-probe evaluation (on your data: retrieval among held-out pairs)."""
+    retrieval and linear-probe evaluation (on your data: retrieval among held-out pairs).
+    resume / save: see run_stage."""
     model = CLIP(clip_config(cfg, tok), eot_id=tok.eot_id).to(device)
+    if resume is not None:
+        load_weights(model, resume["model"], os.path.join(cfg.out_dir, "clip.pt"))
     if user is None:
         get_batch = lambda step, micro: clip_batch(cfg, tok, step, micro)
     else:
         get_batch = lambda step, micro: user_clip_batch(cfg, tok, user.rows("clip"), step, micro)
     loss_fn = lambda m, b: m(b["images"], b["ids"])[0]
-    train_loop("clip", model, [(model.parameters(), cfg.clip_lr)], get_batch, loss_fn,
-               cfg.clip_steps, cfg.clip_batch_size, cfg, device, dtype)
+    checkpoint = (lambda state: save(model, state)) if save else None
+    losses = train_loop("clip", model, [(model.parameters(), cfg.clip_lr)], get_batch, loss_fn,
+                        cfg.clip_steps, cfg.clip_batch_size, cfg, device, dtype, resume, checkpoint)
     if user is not None:
-        return model, evaluate_held_out("clip", model, tok, user.rows("clip", held_out=True), cfg, device)
-    return model, evaluate.evaluate_clip(model, tok, cfg, device)
+        return model, losses, evaluate_held_out("clip", model, tok, user.rows("clip", held_out=True), cfg, device)
+    return model, losses, evaluate.evaluate_clip(model, tok, cfg, device)
 
 
-def stage_vlm(stage, cfg, tok, device, dtype, user=None):
+def stage_vlm(stage, cfg, tok, device, dtype, resume=None, save=None, user=None):
     """lm, align or instruct: the same VLM, the same loop; what differs is which towers
     train (the rest is frozen), at which learning rates, and on which conversations
     (the shapes world's, or your data's when `user` holds it)."""
     model = build_vlm(cfg, tok, stage, device)
+    if resume is not None:
+        load_weights(trained_module(stage, model), resume["model"], os.path.join(cfg.out_dir, f"{stage}.pt"))
     image_tokens = model.num_image_tokens
     if stage == "lm":
         groups, steps, bs = [(list(model.llm.parameters()), cfg.lm_lr)], cfg.lm_steps, cfg.lm_batch_size
@@ -715,12 +775,13 @@ def stage_vlm(stage, cfg, tok, device, dtype, user=None):
         loss_fn = lambda m, b: per_answer_loss(m(b["input_ids"], b["images"])[0], b["labels"])
     else:
         loss_fn = lambda m, b: m(b["input_ids"], b["images"], labels=b["labels"])[1]
-    train_loop(stage, model, groups, get_batch, loss_fn, steps, bs, cfg, device, dtype)
+    checkpoint = (lambda state: save(model, state)) if save else None
+    losses = train_loop(stage, model, groups, get_batch, loss_fn, steps, bs, cfg, device, dtype, resume, checkpoint)
     if user is not None:
-        return model, evaluate_held_out(stage, model, tok, user.rows(stage, held_out=True), cfg, device)
+        return model, losses, evaluate_held_out(stage, model, tok, user.rows(stage, held_out=True), cfg, device)
     if stage == "lm":
-        return model, lm_validation(model, tok, cfg, device)
-    return model, evaluate.evaluate_vlm(stage, model, tok, cfg, device)
+        return model, losses, lm_validation(model, tok, cfg, device)
+    return model, losses, evaluate.evaluate_vlm(stage, model, tok, cfg, device)
 
 
 def per_answer_loss(logits, labels):
@@ -750,14 +811,55 @@ def lm_validation(model, tok, cfg, device, batch=None):
     return {"lm_val_loss": loss.item(), "lm_val_ppl": math.exp(loss.item())}
 
 
+# flags that change how a run is driven, not what it computes: --resume may change them
+RUN_ONLY = ("stage", "out_dir", "device", "resume", "log_every", "checkpoint_every")
+
+
+def resume_point(stage, cfg, tok):
+    """With --resume: this stage's checkpoint if there is one (None: start the stage afresh),
+    checked to come from the same run."""
+    path = os.path.join(cfg.out_dir, f"{stage}.pt")
+    if not (cfg.resume and os.path.isfile(path)):
+        return None
+    ckpt = load_checkpoint(path)
+    check_tokenizer(ckpt, tok, path)
+    now = asdict(cfg)
+    changed = [k for k, v in ckpt["config"].items() if k not in RUN_ONLY and now.get(k, v) != v]
+    if changed:
+        k = changed[0]
+        raise ConfigError(f"{path}: written with --{k}={ckpt['config'][k]}, not {now[k]}; "
+                          "--resume continues a run with its own config")
+    return ckpt
+
+
 def run_stage(stage, cfg, tok, device, dtype, user=None):
-    """Train one stage, write its self-contained checkpoint, return its figures."""
-    t0 = time.time()
-    model, metrics = stage_clip(cfg, tok, device, dtype, user) if stage == "clip" else stage_vlm(stage, cfg, tok, device, dtype, user)
-    weights = model.llm.state_dict() if stage == "lm" else model.state_dict()
-    save_checkpoint(os.path.join(cfg.out_dir, f"{stage}.pt"),
-                    {"stage": stage, "config": asdict(cfg), "model": weights, "tokenizer": tok.state()})
-    metrics[f"{stage}_train_seconds"] = time.time() - t0
+    """Train one stage, or with --resume skip it (finished) or continue it (cut short); its
+    checkpoint out/<stage>.pt is written every cfg.checkpoint_every steps and at the end:
+
+      stage, config, tokenizer, model (the trained weights), step, losses (one per step so far)
+      + optimizer, scaler, rng      while the stage runs (what --resume needs to go on)
+      + metrics, seconds            once it has finished and been evaluated
+
+    user: your data (load_user_data), None for the shapes world. Returns the stage's figures."""
+    path = os.path.join(cfg.out_dir, f"{stage}.pt")
+    resume = resume_point(stage, cfg, tok)
+    if resume is not None and "metrics" in resume:
+        print(f"{stage}: finished in an earlier run, skipped")
+        return resume["metrics"]
+    if resume is not None:
+        print(f"{stage}: resuming at step {resume['step']}")
+    torch.manual_seed(cfg.seed + STAGES.index(stage))  # each stage starts from its own seed, so a
+    t0 = time.time()                                   # resumed run draws the same numbers
+
+    def save(model, state):
+        save_checkpoint(path, {"stage": stage, "config": asdict(cfg), "tokenizer": tok.state(),
+                               "model": trained_module(stage, model).state_dict(), **state})
+
+    run = stage_clip if stage == "clip" else functools.partial(stage_vlm, stage)
+    model, losses, metrics = run(cfg, tok, device, dtype, resume, save, user)
+    metrics[f"{stage}_train_seconds"] = time.time() - t0 + (resume or {}).get("seconds", 0.0)
+    save(model, {"step": len(losses), "losses": losses, "metrics": metrics,
+                 "seconds": metrics[f"{stage}_train_seconds"]})
     return metrics
 
 
@@ -770,9 +872,10 @@ def main(argv):
     check_data_flags(cfg)
     device, dtype = pick_device(cfg)
     print(f"device {device}, dtype {str(dtype).replace('torch.', '')}")
-    torch.manual_seed(cfg.seed)
     t0 = time.time()
     os.makedirs(cfg.out_dir, exist_ok=True)
+    if cfg.stage == "all" and not cfg.resume and os.path.isfile(os.path.join(cfg.out_dir, "metrics.json")):
+        os.remove(os.path.join(cfg.out_dir, "metrics.json"))  # a new run: no figures of an old one
     tok = get_tokenizer(cfg)
     user = load_user_data(cfg, tok)   # your own data (None: the shapes world), checked before any training
     for stage in STAGES if cfg.stage == "all" else (cfg.stage,):
@@ -791,3 +894,6 @@ if __name__ == "__main__":
     except (ConfigError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -351,6 +351,18 @@ def test_load_image_refusals(tmp_path, monkeypatch):
     assert_refused(tmp_path / "big.png", "decompression-bomb")
 
 
+def test_image_from_bytes_refuses_and_accepts_what_load_image_does(tmp_path):
+    """An upload held in memory goes through the same checks and conversion as a file."""
+    rng = np.random.default_rng(0)
+    rgba = Image.fromarray(rng.integers(0, 256, (6, 9, 4), dtype=np.uint8), "RGBA")
+    rgba.save(tmp_path / "a.png")
+    raw = (tmp_path / "a.png").read_bytes()
+    assert np.array_equal(np.asarray(data.image_from_bytes(raw, "upload")), np.asarray(data.load_image(tmp_path / "a.png")))
+    for bad, reason in [(b"", "empty"), (b"not an image", "not an image"), (raw[:len(raw) // 2], "truncated")]:
+        with pytest.raises(data.ImageError, match=f"^upload: .*{reason}"):
+            data.image_from_bytes(bad, "upload")
+
+
 def test_load_image_accepts_modes_and_takes_first_frame(tmp_path):
     palette_image("P", RED, alpha=0).save(tmp_path / "clear.png")
     assert data.load_image(tmp_path / "clear.png").getpixel((0, 0)) == WHITE

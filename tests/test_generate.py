@@ -3,38 +3,19 @@ check the plumbing (loading from the checkpoint's own config, images from disk, 
 history, error handling); whether answers are right is train.py's and evaluate.py's test."""
 
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
+from PIL import Image
 
 import evaluate
 import generate
 import shapes
 import train
-from model import VLM
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """An instruct.pt written the way train.py writes it, for a tiny config that differs
-    from the defaults (so loading must use the checkpoint's config, not Config())."""
-    out = tmp_path_factory.mktemp("gen")
-    cfg = train.parse_flags(train.Config, ["--config=tiny", "--out_dir", str(out), "--llm_dim=48",
-                                           "--llm_ffn_hidden=128"], train.PRESETS)
-    tok = train.get_tokenizer(cfg)
-    torch.manual_seed(0)
-    model = VLM(train.vlm_config(cfg, tok))
-    for p in model.llm.parameters():  # larger weights: varied tokens instead of one repeated id
-        p.data.normal_(0, 0.3)
-    train.save_checkpoint(str(out / "instruct.pt"), {"stage": "instruct", "config": vars(cfg).copy(),
-                                                     "model": model.state_dict(), "tokenizer": tok.state()})
-    return out
 
 
 def run(*args, stdin=""):
@@ -85,16 +66,23 @@ def test_chat_keeps_the_history(ckpt, tmp_path):
     (["--image", "IMAGE", "--prompt", "hi", "--temperature=warm"], "--temperature expects float"),
     (["--image", "IMAGE", "--prompt", "hi", "--bogus=1"], "unknown flag --bogus"),
     (["--image", "NOTANIMAGE", "--prompt", "hi"], "bad.png: not an image"),
+    (["--image", "EMPTY", "--prompt", "hi"], "empty.png: empty file"),
+    (["--image", "TRUNCATED", "--prompt", "hi"], "cut.png: corrupt or truncated image"),
+    (["--image", "BOMB", "--prompt", "hi"], "over Pillow's decompression-bomb limit"),
     (["--image", "IMAGE", "--prompt", "hi", "--ckpt", "NOCKPT"], "no such checkpoint"),
     (["--image", "IMAGE", "--prompt", "why " * 300], "leaves room for"),
 ])
 def test_user_mistakes_are_one_line_and_exit_2(ckpt, tmp_path, args, message):
     image = tmp_path / "ok.png"
     shapes.render(shapes.make_scene("test", 0, shapes.WorldConfig())).save(image)
-    bad = tmp_path / "bad.png"
-    bad.write_text("not an image")
-    args = [a.replace("NOTANIMAGE", str(bad)).replace("IMAGE", str(image)).replace("NOCKPT", str(tmp_path / "x.pt"))
-            for a in args]
+    files = {"NOTANIMAGE": tmp_path / "bad.png", "EMPTY": tmp_path / "empty.png", "TRUNCATED": tmp_path / "cut.png",
+             "BOMB": tmp_path / "bomb.png", "NOCKPT": tmp_path / "x.pt", "IMAGE": image}
+    files["NOTANIMAGE"].write_text("not an image")
+    files["EMPTY"].write_bytes(b"")
+    files["TRUNCATED"].write_bytes(image.read_bytes()[:200])
+    if "BOMB" in args:   # 10000 x 9000 = 90 M pixels, just over Pillow's 89.5 M limit (a 1-bit PNG of 20 kB)
+        Image.new("1", (10000, 9000)).save(files["BOMB"])
+    args = [next((str(files[k]) for k in files if a == k), a) for a in args]
     result = run(*args, "--out_dir", str(ckpt))
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error:"), result.stderr

@@ -184,6 +184,25 @@ def test_generate_with_and_without_cache_gives_the_same_tokens():
         assert got == (full[: full.index(stop)] if stop in full else full)
 
 
+def test_stream_yields_every_step_and_ends_once_every_row_has_stopped():
+    """VLM.stream is the decoding loop generate() collects: one (B,) tensor per step, the same
+    tokens whether or not a stop id is given, and no step after every row has met it."""
+    torch.manual_seed(0)
+    vlm = tiny_vlm().eval()
+    for p in vlm.llm.parameters():  # large weights: varied tokens (see the test above)
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.5)
+    ids, mask, _ = left_padded_prompts(vlm, torch.Generator().manual_seed(1))
+    images = torch.randn(2, 3, 16, 16)
+    free = torch.stack(list(vlm.stream(ids, images, mask, max_new_tokens=12)))  # (steps, B)
+    assert free.shape == (12, 2)
+    stop = int(free[4, 0])
+    stopped = torch.stack(list(vlm.stream(ids, images, mask, max_new_tokens=12, stop_id=stop)))  # (steps, B)
+    first_stop = [row.tolist().index(stop) if stop in row.tolist() else 11 for row in free.T]
+    assert len(stopped) == max(first_stop) + 1 and len(stopped) <= 12
+    assert torch.equal(stopped, free[:len(stopped)])
+
+
 def test_text_only_generation_and_max_seq_len_check():
     torch.manual_seed(0)
     vlm = tiny_vlm().eval()

@@ -407,7 +407,7 @@ def test_metrics_json_has_every_figure_as_a_number(tiny_run):
         if key.endswith("_seconds"):
             assert value > 0.0, key
     assert metrics["total_seconds"] >= sum(metrics[f"{s}_train_seconds"] for s in train.STAGES)
-    assert sorted(os.listdir(tiny_run.out)) == ["align.pt", "clip.pt", "instruct.pt", "lm.pt", "metrics.json"]
+    assert sorted(os.listdir(tiny_run.out)) == ["align.pt", "clip.pt", "instruct.pt", "lm.pt", "metrics.json", "tokenizer.json"]
 
 
 def test_lm_and_instruct_halve_their_loss_on_fresh_batches(tiny_run):
@@ -464,6 +464,123 @@ def test_checkpoints_rebuild_the_model_from_their_own_config(tiny_run):
         assert other.ranks == tok.ranks
 
 
+# ----------------------------------------------------------------------------- checkpoints and --resume
+
+# a whole pipeline in a few seconds: every stage long enough to be cut in the middle
+RESUME_FLAGS = ["--config=tiny", "--clip_steps=12", "--lm_steps=30", "--align_steps=8", "--instruct_steps=12",
+                "--checkpoint_every=5", "--log_every=1", "--eval_clip_scenes=20", "--eval_retrieval=10",
+                "--eval_questions=14", "--eval_pope=4", "--eval_grounding=2", "--eval_captions=2"]
+
+
+def train_process(out, *args):
+    """train.py in a subprocess, one thread (bit-identical runs), stdout line by line."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *RESUME_FLAGS, "--out_dir", str(out), *args],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def stage_files(out):
+    return {stage: train.load_checkpoint(str(out / f"{stage}.pt")) for stage in train.STAGES}
+
+
+def test_a_run_killed_mid_stage_and_resumed_equals_the_uninterrupted_run(tmp_path):
+    """Issue 6: SIGKILL in the middle of the lm stage, then --resume: clip is skipped (finished),
+    lm continues from its last checkpoint, align and instruct run afresh; every per-step loss,
+    every final weight and metrics.json (but timings) equal the uninterrupted run's, bit for bit."""
+    whole = tmp_path / "whole"
+    run = train_process(whole, "--resume")       # --resume with nothing saved starts from the beginning
+    _, err = run.communicate()
+    assert run.returncode == 0, err
+
+    cut = tmp_path / "cut"
+    run = train_process(cut)
+    for line in run.stdout:
+        if re.match(r"lm step\s+7/30", line):    # the checkpoint of step 5 is on disk; kill during step 8
+            run.kill()                           # SIGKILL: no clean-up code of any kind runs
+            break
+    run.wait()
+    interrupted = train.load_checkpoint(str(cut / "lm.pt"))
+    assert run.returncode == -9 and "metrics" not in interrupted and interrupted["step"] % 5 == 0
+    assert not (cut / "align.pt").exists()
+    run = train_process(cut, "--resume")
+    out, err = run.communicate()
+    assert run.returncode == 0, err
+    assert "clip: finished in an earlier run, skipped" in out and f"lm: resuming at step {interrupted['step']}" in out
+
+    a, b = stage_files(whole), stage_files(cut)
+    for stage in train.STAGES:
+        assert a[stage]["losses"] == b[stage]["losses"], stage       # floats, compared exactly
+        assert a[stage]["model"].keys() == b[stage]["model"].keys()
+        assert all(torch.equal(a[stage]["model"][k], b[stage]["model"][k]) for k in a[stage]["model"]), stage
+    assert len(a["lm"]["losses"]) == 30 and a["lm"]["losses"][:interrupted["step"]] == interrupted["losses"]
+    untimed = lambda out: {k: v for k, v in json.loads((out / "metrics.json").read_text()).items()
+                           if not k.endswith("_seconds")}
+    assert untimed(whole) == untimed(cut) and "vqa_acc" in untimed(whole)
+
+
+def test_resume_refuses_another_config_and_mixed_runs(tiny_run, tmp_path):
+    """--resume continues a run with its own config; a stage never starts from an unfinished
+    checkpoint or from one with another tokenizer. Each is one line naming the file."""
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("clip.pt", "lm.pt", "tokenizer.json"):
+        (out / name).write_bytes((tiny_run.out / name).read_bytes())
+    flags = ["--config=tiny", "--out_dir", str(out), *RUN_FLAGS]
+    with pytest.raises(ConfigError, match=re.escape(f"{out / 'clip.pt'}: written with --clip_steps=40, not 41")):
+        train.main([*flags, "--resume", "--clip_steps=41"])
+
+    lm = train.load_checkpoint(str(out / "lm.pt"))
+    train.save_checkpoint(str(out / "lm.pt"), {k: v for k, v in lm.items() if k != "metrics"} | {"step": 20})
+    with pytest.raises(ConfigError, match=re.escape(f"{out / 'lm.pt'}: the lm stage stopped at step 20; "
+                                                    "finish it with --resume")):
+        train.main([*flags, "--stage=align"])
+
+    train.save_checkpoint(str(out / "lm.pt"), lm)
+    with pytest.raises(ConfigError, match=re.escape(f"{out / 'lm.pt'} was written by another config (size mismatch")):
+        train.main([*flags, "--stage=align", "--llm_dim=96"])
+    other = data.Tokenizer(data.train_bpe(["a completely different text"], 300))
+    other.save(str(out / "tokenizer.json"))
+    with pytest.raises(ConfigError, match=re.escape(f"{out / 'clip.pt'}: its tokenizer does not match")):
+        train.main([*flags, "--stage=align"])
+    (out / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="tokenizer.json: not a tokenizer file"):
+        train.main([*flags, "--stage=align"])
+
+
+def test_tokenizer_file_round_trips_and_reads_as_text(tmp_path):
+    tok = data.Tokenizer(data.train_bpe(["the red circle is left of the blue square"] * 20, 320))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    again = data.Tokenizer.load(str(tmp_path / "tokenizer.json"))
+    assert again.ranks == tok.ranks and again.encode("a red circle") == tok.encode("a red circle")
+    assert " circle" in json.loads((tmp_path / "tokenizer.json").read_text())["tokens"]
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    """The loss turns NaN at step 5: the loop stops before that update, with a message naming
+    the step, and the checkpoint of step 4 (checkpoint_every=2) is on disk, whole and finite."""
+    cfg = Config(checkpoint_every=2, log_every=1000, warmup_frac=0.0)
+    model = torch.nn.Linear(4, 1)
+    path = str(tmp_path / "toy.pt")
+    get_batch = lambda step, micro: {"x": torch.randn(8, 4), "bad": torch.tensor(step == 5)}
+    loss_fn = lambda m, b: m(b["x"]).pow(2).mean() + (torch.nan if b["bad"] else 0.0)
+    checkpoint = lambda state: train.save_checkpoint(path, {"model": model.state_dict(), **state})
+    with pytest.raises(train.TrainingError, match=r"toy: loss is nan at step 5; stopped, the last checkpoint is kept"):
+        train.train_loop("toy", model, [(model.parameters(), 0.1)], get_batch, loss_fn, 10, 8, cfg, "cpu",
+                         torch.float32, checkpoint=checkpoint)
+    saved = train.load_checkpoint(path)
+    assert saved["step"] == 4 and len(saved["losses"]) == 4 and all(math.isfinite(x) for x in saved["losses"])
+    assert all(torch.isfinite(t).all() for t in saved["model"].values())
+
+    # the same, as a user sees it: a learning rate that blows the weights up is one line, exit 1
+    result = subprocess.run([sys.executable, "train.py", "--config=tiny", "--stage=lm", "--lm_lr=1e30",
+                             "--checkpoint_every=1", "--out_dir", str(tmp_path / "run")],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert re.match(r"error: lm: loss is (nan|inf) at step (\d+); stopped, the last checkpoint is kept", result.stderr)
+    step = int(re.search(r"at step (\d+)", result.stderr).group(1))
+    assert train.load_checkpoint(str(tmp_path / "run" / "lm.pt"))["step"] == step
+
+
 # ----------------------------------------------------------------------------- stages that must learn
 
 
@@ -513,14 +630,15 @@ def test_instruct_stage_learns_to_read_the_image(tmp_path, monkeypatch):
     tok = train.get_tokenizer(cfg)
     torch.manual_seed(cfg.seed)
     start = VLM(train.vlm_config(cfg, tok))   # what align would hand over: here a fresh model
-    train.save_checkpoint(str(tmp_path / "align.pt"), {"model": start.state_dict(), "tokenizer": tok.state()})
+    train.save_checkpoint(str(tmp_path / "align.pt"), {"model": start.state_dict(), "tokenizer": tok.state(),
+                                                         "metrics": {}})  # a finished stage
 
     def colour_question(scene, rng, *n_turns):
         (obj,) = scene.objects
         return [(f"What colour is the {obj.shape}?", obj.colour)]
     monkeypatch.setattr(train, "instruct_turns", colour_question)
     seen = recording(monkeypatch)
-    model, _ = train.stage_vlm("instruct", cfg, tok, "cpu", torch.float32)
+    model, _, _ = train.stage_vlm("instruct", cfg, tok, "cpu", torch.float32)
     assert all(torch.equal(a, b) for a, b in zip(model.vision.state_dict().values(), start.vision.state_dict().values()))
 
     batch = train.vlm_batch(cfg, tok, "instruct", 0, 0, model.num_image_tokens, 64, split="test")
@@ -542,7 +660,7 @@ def test_short_clip_run_learns_colour_zero_shot(tmp_path):
                                "--log_every=1000"], PRESETS)
     tok = train.get_tokenizer(cfg)
     torch.manual_seed(cfg.seed)
-    _, metrics = train.stage_clip(cfg, tok, "cpu", torch.float32)
+    _, _, metrics = train.stage_clip(cfg, tok, "cpu", torch.float32)
     assert metrics["clip_zero_shot_colour_acc"] >= 0.35, metrics
 
 
