@@ -501,6 +501,13 @@ def check_data_flags(cfg):
                           "projector from an earlier run's align.pt or instruct.pt")
 
 
+def check_vision_from(cfg, tok):
+    """Load --vision_from into a model of this config now, so that a wrong checkpoint stops
+    the run before anything trains rather than when the align stage starts."""
+    if cfg.vision_from:
+        load_vision(VLM(vlm_config(cfg, tok)), load_checkpoint(cfg.vision_from), cfg.vision_from)
+
+
 def user_texts(cfg):
     """The text of your data files, for the tokenizer: every message of every row whose text
     is usable, <image> markers removed (images are not opened here), and the chat template's
@@ -877,6 +884,7 @@ def main(argv):
     if cfg.stage == "all" and not cfg.resume and os.path.isfile(os.path.join(cfg.out_dir, "metrics.json")):
         os.remove(os.path.join(cfg.out_dir, "metrics.json"))  # a new run: no figures of an old one
     tok = get_tokenizer(cfg)
+    check_vision_from(cfg, tok)
     user = load_user_data(cfg, tok)   # your own data (None: the shapes world), checked before any training
     for stage in STAGES if cfg.stage == "all" else (cfg.stage,):
         if stage == "clip" and cfg.vision_from:

@@ -835,7 +835,8 @@ def test_data_mistakes_stop_before_any_training_in_one_line(user_files, flags, m
 def test_captions_only_then_instructions_only_from_vision_from(user_files, monkeypatch):
     """Captions alone: instruct trains on them as one-turn conversations. Instructions alone,
     with --vision_from=an earlier align.pt: clip does not run, align takes that ViT and
-    projector as they are (0 steps), instruct trains its projector from there, ViT frozen."""
+    projector as they are (0 steps), instruct trains its projector from there, ViT frozen.
+    A --vision_from without a ViT (an lm.pt) is refused before anything trains."""
     seen = {}
     train_loop = train.train_loop
 
@@ -852,6 +853,11 @@ def test_captions_only_then_instructions_only_from_vision_from(user_files, monke
     assert "vqa_acc" in json.loads((first / "metrics.json").read_text())
 
     seen.clear()
+    wrong = user_files.out / "wrong_vision"
+    with pytest.raises(ConfigError, match="a 'lm' checkpoint holds no vision weights"):
+        train.main([*USER_RUN, f"--instruct_data={user_files.instruct}", f"--vision_from={first / 'lm.pt'}",
+                    f"--out_dir={wrong}"])
+    assert seen == {} and not list(wrong.glob("*.pt"))   # refused before anything trained
     second = user_files.out / "instructions_only"
     train.main([*USER_RUN, f"--instruct_data={user_files.instruct}", f"--vision_from={first / 'align.pt'}",
                 f"--out_dir={second}"])
