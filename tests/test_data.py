@@ -1,6 +1,7 @@
 """Tests for data.py: BPE training against hand-computed merges and a naive reference,
 tokenizer round trips and checkpoint state, the chat template against hand-built id
-sequences, image modes/sizes/errors against known colours, and the collator's padding.
+sequences, image modes/sizes/errors against known colours, the collator's padding, and
+LLaVA files: JSON and JSONL alike, every kind of bad row under its reason, malformed JSON.
 Run: python -m pytest -q tests/test_data.py"""
 import collections
 import io

@@ -6,6 +6,9 @@ each parameter; checkpoints are checked against a simulated crash, a pickled pay
 effect and a truncated file. The batches are checked by parsing the token stream independently of
 the chat template code and by re-deriving answers from the scene. One short run of the whole
 pipeline (module fixture, ~20 s) is shared by the tests of losses, frozen towers and metrics.json.
+Your own data (LLaVA files): short runs of every stage on a folder of mixed image formats with
+broken rows, captions alone, conversations alone with --vision_from; batches checked against
+the rows they come from; the export read back to the conversations the stages build.
 
 Measured on this 2-core CPU with torch.set_num_threads(1) (tests/conftest.py), seeded, so the
 loss thresholds below are deterministic; the margins are stated where they are asserted.
