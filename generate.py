@@ -5,7 +5,12 @@ generate.py — ask a trained tinyvlm about an image.
     python generate.py --image scene.png --prompt "What colour is the circle?"
     python generate.py --image scene.png --chat        # multi-turn: one question per line, empty line ends
     python generate.py --config=sample --image scene.png --prompt "Describe the image."
+    python generate.py --questions questions.json --answers answers.jsonl   # a whole question file
     python generate.py --serve                         # a chat page at http://127.0.0.1:8000
+
+Batch evaluation (--questions) follows LLaVA's model_vqa answer-file convention: one JSON line
+{"question_id", "prompt", "text"} per question; scores, where the rows carry the reference
+answer, go to a separate <answers>.scores.json.
 
 The model is always rebuilt from the checkpoint's own config (out/instruct.pt, or --ckpt),
 so any checkpoint tinyvlm wrote answers here whatever the current defaults are. Presets
@@ -31,6 +36,7 @@ import random
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass, fields, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -60,6 +66,11 @@ class GenerateConfig:
     top_p: float = 1.0             # 1 = off
     seed: int = 0
     device: str = "auto"
+    # batch evaluation of a LLaVA JSON / JSONL file
+    questions: str = ""            # answer the last human turn of every row (earlier turns: its history)
+    image_folder: str = ""         # where its relative image paths point; default: the file's own folder
+    answers: str = "answers.jsonl" # one {"question_id", "prompt", "text"} line per question
+    batch_size: int = 32
     serve: bool = False            # start the chat page instead of answering once
     host: str = "127.0.0.1"        # --serve: the address to listen on (loopback: this machine only)
     port: int = 8000               # --serve: 0 picks a free port
@@ -93,6 +104,45 @@ def check_length(messages, model, tok, cfg, gen):
     if n > room:
         raise train.ConfigError(f"the conversation is {n} tokens, but with --max_new_tokens={gen.max_new_tokens} "
                                 f"the model's context of {cfg.max_seq_len} tokens leaves room for {room}")
+
+
+def answer_questions(gen):
+    """--questions: answer every row of a LLaVA file in batches, greedily, and write the answer
+    file. Rows whose prompt and --max_new_tokens do not fit in the context are skipped like
+    any bad row, and counted. Where rows carry their reference answer (a last gpt turn), print
+    the exact-match accuracy after evaluate.normalize_answer, overall and per reference answer,
+    and write it to <answers>.scores.json."""
+    if gen.temperature > 0:
+        raise train.ConfigError("--questions decodes greedily, so that its scores are reproducible; drop --temperature")
+    device = pick_device(gen)
+    model, tok, cfg = load_vlm(checkpoint_path(gen), device)
+    rows, skipped = data.load_llava(gen.questions, gen.image_folder, open_end=True)
+    rows = data.drop_rows(rows, skipped, "prompt longer than the context", lambda r: evaluate.prompt_fits(
+        model, tok, evaluate.split_question(r)[0], cfg.max_seq_len, gen.max_new_tokens))
+    if not rows:
+        raise data.DataError(gen.questions, f"no question can be answered ({data.report_rows(0, skipped)})")
+    print(f"{gen.questions}: {data.report_rows(len(rows), skipped)}", flush=True)
+    t0 = time.time()
+    progress = lambda n: print(f"answered {n}/{len(rows)} | {n / (time.time() - t0):.1f} questions/s", flush=True)
+    answers = evaluate.answer_rows(model, tok, rows, cfg.image_size, device, gen.batch_size, gen.max_new_tokens, progress)
+    questions = [evaluate.split_question(row) for row in rows]   # (conversation, reference or None)
+    with open(gen.answers, "w", encoding="utf-8") as f:
+        for row, (conversation, _), answer in zip(rows, questions, answers):
+            prompt = data.without_images(conversation[-1:])[0]["content"]   # the question, as model_vqa writes it
+            f.write(json.dumps({"question_id": row.id, "prompt": prompt, "text": answer}, ensure_ascii=False) + "\n")
+    print(f"wrote {gen.answers}")
+    scored = [(answer, reference) for (_, reference), answer in zip(questions, answers) if reference is not None]
+    if scored:
+        scores = evaluate.exact_match(*zip(*scored))
+        print(f"exact match {100 * scores['exact_match']:.1f} % of {scores['n']} questions; "
+              f"per reference answer (the {min(20, len(scores['per_answer']))} commonest):")
+        for answer, s in list(scores["per_answer"].items())[:20]:
+            print(f"  {answer[:40]:40s} {100 * s['exact_match']:5.1f} % of {s['n']}")
+        path = os.path.splitext(gen.answers)[0] + ".scores.json"
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"questions": gen.questions, "checkpoint": checkpoint_path(gen),
+                       **scores}, f, indent=1, ensure_ascii=False)
+        print(f"wrote {path}")
 
 
 def save_scene(gen):
@@ -151,6 +201,8 @@ def main(argv):
     gen = train.parse_flags(GenerateConfig, argv, PRESETS)
     if gen.save_scene >= 0:
         return save_scene(gen)
+    if gen.questions:
+        return answer_questions(gen)
     if gen.serve:
         return serve(gen)
     if not gen.image:
@@ -441,6 +493,6 @@ def serve(gen):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (train.ConfigError, data.ImageError) as e:
+    except (train.ConfigError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -5,6 +5,8 @@ train.py — the one entry point: CLIP pretraining, a tiny LLM, then LLaVA's two
     python train.py --stage clip           # one stage, from the checkpoints before it
     python train.py --config=tiny          # the whole pipeline in about half a minute
     python train.py --clip_steps=200 --device=cpu   # any config field is a flag
+    python train.py --export=shapes_data            # the shapes world as PNG + LLaVA JSON files
+    python train.py --caption_data=captions.json --instruct_data=instruct.json   # your own data
 
 The stages (DESIGN.md; LLaVA = "Visual Instruction Tuning", Liu et al. 2023, arXiv:2304.08485):
   clip      ViT + text tower learn a joint embedding from image-caption pairs
@@ -27,6 +29,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +59,14 @@ class Config:
     # the shapes world
     image_size: int = 64
     max_objects: int = 3
+    # your own data instead of the shapes world: LLaVA JSON / JSONL (README "Train on your own data")
+    caption_data: str = ""        # image-caption rows: clip and align (and instruct, without --instruct_data)
+    instruct_data: str = ""       # conversations: instruct
+    image_folder: str = ""        # where relative image paths point; default: each data file's own folder
+    vision_from: str = ""         # a clip.pt / align.pt / instruct.pt whose ViT (and projector) replace the clip stage
+    holdout: int = 100            # rows of each data file kept out of training and scored at the end
+    export: str = ""              # write the shapes world to this folder as PNG + LLaVA JSON, then stop
+    export_scenes: int = 5000
     # tokenizer: a byte-level BPE trained on the world's text
     vocab_size: int = 512
     tokenizer_scenes: int = 2000
@@ -336,8 +347,10 @@ def scene_rng(cfg, stage, step, micro, i):
 
 
 def world_texts(cfg):
-    """The text the tokenizer and the `lm` stage learn from: captions, questions and
-    answers, descriptions and conversations of training scenes."""
+    """The text the tokenizer learns from: captions, questions and answers, descriptions
+    and conversations of training scenes (or your own data's text: user_texts)."""
+    if cfg.caption_data or cfg.instruct_data:
+        return user_texts(cfg)
     world, texts = evaluate.world_config(cfg), []
     for i in range(cfg.tokenizer_scenes):
         scene, rng = shapes.make_scene("train", i, world), random.Random(i)
@@ -387,23 +400,31 @@ def clip_batch(cfg, tok, step, micro):
     return {"images": images, "ids": clip_tokenize(tok, texts, cfg.context_length)}
 
 
-def chat_ids(tok, turns, with_image, image_tokens):
-    """(ids, labels) of a conversation; the image, if any, comes before the first question."""
+def chat_messages(turns, with_image):
+    """Chat messages of (question, answer) turns; the image, if any, comes before the first
+    question (LLaVA's convention)."""
     messages = []
     for k, (question, answer) in enumerate(turns):
         content = f"{data.IMAGE_MARKER}\n{question}" if k == 0 and with_image else question
         messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
-    return data.encode_chat(tok, messages, image_tokens if with_image else [])
+    return messages
+
+
+def fit_messages(tok, messages, image_tokens, max_seq_len):
+    """(ids, labels, n) of the first n messages: as many whole exchanges as fit in max_seq_len.
+    A conversation is cut at a turn boundary (DESIGN.md), never inside an answer; the first
+    exchange is always kept (your data's rows whose first exchange is too long are dropped
+    when they are loaded)."""
+    for n in range(len(messages), 0, -2):
+        ids, labels = data.encode_chat(tok, messages[:n], image_tokens)
+        if len(ids) <= max_seq_len or n <= 2:
+            return ids, labels, n
 
 
 def fit_turns(tok, scene, turns, image_tokens, cfg):
-    """One training sample: the scene's image (None for text only) and as many whole turns as
-    fit in max_seq_len. A conversation is cut at a turn boundary (DESIGN.md), never inside an
-    answer; the first turn is always kept."""
-    for n in range(len(turns), 0, -1):
-        ids, labels = chat_ids(tok, turns[:n], scene is not None, image_tokens)
-        if len(ids) <= cfg.max_seq_len or n == 1:
-            break
+    """One training sample of the shapes world: the scene's image (None for text only) and as
+    many whole turns as fit in max_seq_len."""
+    ids, labels, _ = fit_messages(tok, chat_messages(turns, scene is not None), image_tokens, cfg.max_seq_len)
     images = data.preprocess(shapes.render(scene), cfg.image_size)[None] if scene is not None else None
     return {"input_ids": ids, "labels": labels, "images": images}
 
@@ -443,6 +464,183 @@ def vlm_batch(cfg, tok, stage, step, micro, image_tokens, batch_size, split="tra
 
 
 # -----------------------------------------------------------------------------
+# your own data: LLaVA JSON / JSONL files instead of the shapes world (DESIGN.md "User data")
+
+@dataclass
+class UserData:
+    """Your data files after checking: the rows to train on, and the rows held out for scoring."""
+    captions: list                # data.Row: one image, its caption the first answer
+    instructions: list            # data.Row: conversations, any number of images
+    held_out_captions: list
+    held_out_instructions: list
+
+    def rows(self, stage, held_out=False):
+        """What a stage trains on (or is scored on): clip and align read the captions,
+        instruct the conversations (the captions, as one-turn ones, when there are none),
+        lm the text of both."""
+        captions = self.held_out_captions if held_out else self.captions
+        instructions = self.held_out_instructions if held_out else self.instructions
+        if stage in ("clip", "align"):
+            return captions
+        if stage == "instruct":
+            return instructions or captions
+        return captions + instructions
+
+
+def check_data_flags(cfg):
+    """Refuse what the data flags cannot do, before anything is loaded or trained."""
+    if cfg.image_folder and not (cfg.caption_data or cfg.instruct_data):
+        raise ConfigError("--image_folder is for the images of --caption_data / --instruct_data; give one of them")
+    if cfg.holdout < 0:
+        raise ConfigError(f"--holdout must be >= 0, got {cfg.holdout}")
+    if cfg.vision_from and cfg.stage == "clip":
+        raise ConfigError("--vision_from replaces the clip stage: there is nothing to train with --stage=clip")
+    if cfg.instruct_data and not cfg.caption_data and not cfg.vision_from and cfg.stage in ("all", "clip", "align"):
+        raise ConfigError("--instruct_data without --caption_data: the clip and align stages have no image-caption "
+                          "pairs to learn from; add --caption_data, or --vision_from=CKPT to take the ViT and "
+                          "projector from an earlier run's align.pt or instruct.pt")
+
+
+def check_vision_from(cfg, tok):
+    """Load --vision_from into a model of this config now, so that a wrong checkpoint stops
+    the run before anything trains rather than when the align stage starts."""
+    if cfg.vision_from:
+        load_vision(VLM(vlm_config(cfg, tok)), load_checkpoint(cfg.vision_from), cfg.vision_from)
+
+
+def user_texts(cfg):
+    """The text of your data files, for the tokenizer: every message of every row whose text
+    is usable, <image> markers removed (images are not opened here), and the chat template's
+    role names. Held-out rows are included: the tokenizer learns spellings, not answers."""
+    texts = ["user\nassistant\n"]
+    for path in (cfg.caption_data, cfg.instruct_data):
+        if path:
+            rows, _ = data.load_llava(path, cfg.image_folder, check_images=False)
+            texts += [m["content"] for row in rows for m in data.without_images(row.messages)]
+    return texts
+
+
+def load_user_data(cfg, tok):
+    """Your data files, read and checked row by row (data.load_llava: every image decoded
+    once), then a caption row needs exactly one image and any row a first exchange that fits
+    in max_seq_len. One line per file says what was used and what was skipped, by reason.
+    `holdout` rows of each (a seeded choice) are set aside for scoring. None for the shapes
+    world. A file with no usable row stops the run here, before any training."""
+    if not (cfg.caption_data or cfg.instruct_data):
+        return None
+    image_tokens = VLM(vlm_config(cfg, tok)).num_image_tokens
+    parts = {}
+    for name, path in (("captions", cfg.caption_data), ("instructions", cfg.instruct_data)):
+        parts[name], parts[f"held_out_{name}"] = [], []
+        if not path:
+            continue
+        rows, skipped = data.load_llava(path, cfg.image_folder)
+        if name == "captions":
+            rows = data.drop_rows(rows, skipped, data.NOT_ONE_IMAGE, lambda r: len(r.images) == 1)
+        rows = data.drop_rows(rows, skipped, data.FIRST_EXCHANGE_TOO_LONG,
+                              lambda r: len(data.encode_chat(tok, r.messages[:2], image_tokens)[0]) <= cfg.max_seq_len)
+        report = data.report_rows(len(rows), skipped)
+        if not rows:
+            raise data.DataError(path, f"no usable row ({report})")
+        if cfg.holdout >= len(rows):
+            raise ConfigError(f"--holdout={cfg.holdout} leaves none of the {len(rows)} usable rows of {path} to train on; lower it")
+        held = set(random.Random(f"{cfg.seed}/holdout").sample(range(len(rows)), cfg.holdout))
+        parts[name] = [r for k, r in enumerate(rows) if k not in held]
+        parts[f"held_out_{name}"] = [r for k, r in enumerate(rows) if k in held]
+        print(f"{path}: {report}; {len(held)} held out for scoring", flush=True)
+    return UserData(**parts)
+
+
+def row_indices(cfg, stage, step, micro, batch_size, n_rows):
+    """Which rows a micro-batch reads: the run's k-th sample is row order[k % n_rows] of
+    epoch k // n_rows, each epoch a seeded shuffle. Every row is seen once per epoch, and a
+    batch is still a pure function of (stage, step, micro), like scene_rng's."""
+    start = (step * cfg.grad_accum + micro) * batch_size
+    orders = {}
+    for k in range(start, start + batch_size):
+        epoch = k // n_rows
+        if epoch not in orders:
+            orders[epoch] = random.Random(f"{cfg.seed}/{stage}/{epoch}").sample(range(n_rows), n_rows)
+    return [orders[k // n_rows][k % n_rows] for k in range(start, start + batch_size)]
+
+
+def row_images(paths, cfg):
+    """A row's images read from disk and preprocessed: (n, 3, S, S), or None for none."""
+    return torch.stack([data.preprocess(data.load_image(p), cfg.image_size) for p in paths]) if paths else None
+
+
+def user_clip_batch(cfg, tok, rows, step, micro):
+    """Image-caption pairs from your caption rows: each row's image and its first answer."""
+    chosen = [rows[k] for k in row_indices(cfg, "clip", step, micro, cfg.clip_batch_size, len(rows))]
+    return {"images": torch.cat([row_images(r.images, cfg) for r in chosen]),                    # (B, 3, S, S)
+            "ids": clip_tokenize(tok, [r.messages[1]["content"] for r in chosen], cfg.context_length)}
+
+
+def user_vlm_batch(cfg, tok, stage, rows, indices, image_tokens):
+    """The rows[indices] as a batch. lm: a row's text without its images, every token a
+    target; align: a caption row's first exchange; instruct: a whole conversation with its
+    images, cut at a turn boundary (the images of the turns cut go too)."""
+    samples = []
+    for row in (rows[k] for k in indices):
+        if stage == "lm":
+            ids, _, _ = fit_messages(tok, data.without_images(row.messages), image_tokens, cfg.max_seq_len)
+            samples.append({"input_ids": ids, "labels": list(ids), "images": None})
+            continue
+        messages = row.messages[:2] if stage == "align" else row.messages
+        ids, labels, n = fit_messages(tok, messages, image_tokens, cfg.max_seq_len)
+        images = row_images(row.images[:data.count_images(messages[:n])], cfg)
+        samples.append({"input_ids": ids, "labels": labels, "images": images})
+    return data.collate(samples, tok.pad_id)
+
+
+def evaluate_held_out(stage, model, tok, rows, cfg, device, max_new_tokens=48):
+    """Figures on your held-out rows: clip retrieval among their image-caption pairs, lm
+    perplexity on their text, instruct vqa_acc (the last answer of each row, exact match
+    after evaluate.normalize_answer, the earlier turns given as history). None for align."""
+    if not rows or stage == "align":
+        return {}
+    if stage == "clip":
+        return evaluate.retrieval(model, tok, [data.load_image(r.images[0]) for r in rows],
+                                  [r.messages[1]["content"] for r in rows], cfg, device)
+    if stage == "lm":
+        batch = user_vlm_batch(cfg, tok, "lm", rows, range(min(64, len(rows))), model.num_image_tokens)
+        return lm_validation(model, tok, cfg, device, batch)
+    fit = [r for r in rows if evaluate.prompt_fits(model, tok, evaluate.split_question(r)[0], cfg.max_seq_len, max_new_tokens)]
+    answers = evaluate.answer_rows(model, tok, fit, cfg.image_size, device, cfg.eval_batch_size, max_new_tokens)
+    return {"vqa_acc": evaluate.exact_match(answers, [evaluate.split_question(r)[1] for r in fit])["exact_match"]}
+
+
+def export_world(cfg):
+    """--export=DIR: the shapes world written the way your own data would be, to look at, edit
+    and train on. images/ holds export_scenes training scenes as PNG; captions.json gives each
+    one caption exchange (as the align stage asks for it) and instruct.json one conversation
+    (instruct_turns, as the instruct stage builds them); questions.json holds the VQA test
+    questions of evaluate.vqa_items on test-split scenes (grounding left out: a box is scored
+    by IoU, not by exact match), one per row, its reference answer the last gpt turn."""
+    root = Path(cfg.export)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    world, captions, instructions, questions = evaluate.world_config(cfg), [], [], []
+    for i in range(cfg.export_scenes):
+        scene, rng = shapes.make_scene("train", i, world), random.Random(f"{cfg.seed}/export/{i}")
+        image = f"images/train_{i:06d}.png"
+        shapes.render(scene).save(root / image)
+        caption = [(rng.choice(evaluate.CAPTION_PROMPTS), shapes.caption(scene, rng))]
+        captions.append(data.llava_row(f"train_{i:06d}", [image], chat_messages(caption, True)))
+        conversation = instruct_turns(scene, rng, cfg.instruct_turns)
+        instructions.append(data.llava_row(f"train_{i:06d}", [image], chat_messages(conversation, True)))
+    for scene, qtype, question, answer in evaluate.vqa_items(cfg):
+        if qtype != "grounding":
+            image = f"images/test_{len(questions):06d}.png"
+            shapes.render(scene).save(root / image)
+            row_id = f"test_{len(questions):06d}_{qtype}"   # the type in the id: per-type scores stay possible
+            questions.append(data.llava_row(row_id, [image], chat_messages([(question, answer)], True)))
+    for name, rows in (("captions.json", captions), ("instruct.json", instructions), ("questions.json", questions)):
+        data.save_llava(root / name, rows)
+    print(f"wrote {root}: {cfg.export_scenes} training images with captions.json and instruct.json, "
+          f"{len(questions)} test questions in questions.json")
+
+
+# -----------------------------------------------------------------------------
 # model builders
 
 def clip_config(cfg, tok):
@@ -462,17 +660,30 @@ def vlm_config(cfg, tok):
 
 
 def build_vlm(cfg, tok, stage, device):
-    """The VLM a stage starts from: lm starts fresh; align takes the ViT from clip.pt and
-    the LLM from lm.pt; instruct continues from align.pt."""
+    """The VLM a stage starts from: lm starts fresh; align takes the ViT from clip.pt (or
+    --vision_from) and the LLM from lm.pt; instruct continues from align.pt."""
     model = VLM(vlm_config(cfg, tok))
     if stage == "align":
-        clip_state = finished_checkpoint(cfg, "clip", tok)["model"]
-        vision = {k[len("visual."):]: v for k, v in clip_state.items() if k.startswith("visual.")}
-        load_weights(model.vision, vision, os.path.join(cfg.out_dir, "clip.pt"))
+        if cfg.vision_from:   # an earlier run's ViT (and projector) instead of this run's clip stage
+            load_vision(model, load_checkpoint(cfg.vision_from), cfg.vision_from)
+        else:
+            load_vision(model, finished_checkpoint(cfg, "clip", tok), os.path.join(cfg.out_dir, "clip.pt"))
         load_weights(model.llm, finished_checkpoint(cfg, "lm", tok)["model"], os.path.join(cfg.out_dir, "lm.pt"))
     elif stage == "instruct":
         load_weights(model, finished_checkpoint(cfg, "align", tok)["model"], os.path.join(cfg.out_dir, "align.pt"))
     return model.to(device)
+
+
+def load_vision(model, ckpt, path):
+    """A checkpoint's ViT into model.vision: CLIP's image tower from a clip.pt, or the ViT and
+    the projector of an align.pt / instruct.pt."""
+    prefixes = ("visual.",) if ckpt.get("stage") == "clip" else ("vision.", "projector.")
+    for prefix, module in zip(prefixes, (model.vision, model.projector)):
+        part = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+        if not part:
+            raise ConfigError(f"{path}: a {ckpt.get('stage')!r} checkpoint holds no {prefix.rstrip('.')} weights; "
+                              f"use a clip.pt, align.pt or instruct.pt")
+        load_weights(module, part, path)
 
 
 def trained_module(stage, model):
@@ -515,23 +726,30 @@ def finished_checkpoint(cfg, stage, tok):
 # -----------------------------------------------------------------------------
 # the stages
 
-def stage_clip(cfg, tok, device, dtype, resume=None, save=None):
+def stage_clip(cfg, tok, device, dtype, resume=None, save=None, user=None):
     """Contrastive pretraining of both towers on image-caption pairs, then zero-shot,
-    retrieval and linear-probe evaluation. resume / save: see run_stage."""
+    retrieval and linear-probe evaluation (on your data: retrieval among held-out pairs).
+    resume / save: see run_stage."""
     model = CLIP(clip_config(cfg, tok), eot_id=tok.eot_id).to(device)
     if resume is not None:
         load_weights(model, resume["model"], os.path.join(cfg.out_dir, "clip.pt"))
-    get_batch = lambda step, micro: clip_batch(cfg, tok, step, micro)
+    if user is None:
+        get_batch = lambda step, micro: clip_batch(cfg, tok, step, micro)
+    else:
+        get_batch = lambda step, micro: user_clip_batch(cfg, tok, user.rows("clip"), step, micro)
     loss_fn = lambda m, b: m(b["images"], b["ids"])[0]
     checkpoint = (lambda state: save(model, state)) if save else None
     losses = train_loop("clip", model, [(model.parameters(), cfg.clip_lr)], get_batch, loss_fn,
                         cfg.clip_steps, cfg.clip_batch_size, cfg, device, dtype, resume, checkpoint)
+    if user is not None:
+        return model, losses, evaluate_held_out("clip", model, tok, user.rows("clip", held_out=True), cfg, device)
     return model, losses, evaluate.evaluate_clip(model, tok, cfg, device)
 
 
-def stage_vlm(stage, cfg, tok, device, dtype, resume=None, save=None):
+def stage_vlm(stage, cfg, tok, device, dtype, resume=None, save=None, user=None):
     """lm, align or instruct: the same VLM, the same loop; what differs is which towers
-    train (the rest is frozen), at which learning rates, and on which conversations."""
+    train (the rest is frozen), at which learning rates, and on which conversations
+    (the shapes world's, or your data's when `user` holds it)."""
     model = build_vlm(cfg, tok, stage, device)
     if resume is not None:
         load_weights(trained_module(stage, model), resume["model"], os.path.join(cfg.out_dir, f"{stage}.pt"))
@@ -549,7 +767,15 @@ def stage_vlm(stage, cfg, tok, device, dtype, resume=None, save=None):
     trained = {id(p) for params, _ in groups for p in params}
     for p in model.parameters():  # frozen towers get no gradient at all
         p.requires_grad_(id(p) in trained)
-    get_batch = lambda step, micro: vlm_batch(cfg, tok, stage, step, micro, image_tokens, bs)
+    if user is None:
+        get_batch = lambda step, micro: vlm_batch(cfg, tok, stage, step, micro, image_tokens, bs)
+    else:
+        rows = user.rows(stage)
+        if not rows:   # align without caption rows: the projector of --vision_from goes on as it is
+            print(f"{stage}: no caption rows to train on; 0 steps")
+            steps = 0
+        get_batch = lambda step, micro: user_vlm_batch(cfg, tok, stage, rows, row_indices(
+            cfg, stage, step, micro, bs, len(rows)), image_tokens)
     # Batches are right-padded: under causal attention no real token ever sees a pad, so the
     # model needs no padding mask and SDPA takes its fast causal path (pads carry no label).
     if cfg.loss_per_answer and stage != "lm":
@@ -558,6 +784,8 @@ def stage_vlm(stage, cfg, tok, device, dtype, resume=None, save=None):
         loss_fn = lambda m, b: m(b["input_ids"], b["images"], labels=b["labels"])[1]
     checkpoint = (lambda state: save(model, state)) if save else None
     losses = train_loop(stage, model, groups, get_batch, loss_fn, steps, bs, cfg, device, dtype, resume, checkpoint)
+    if user is not None:
+        return model, losses, evaluate_held_out(stage, model, tok, user.rows(stage, held_out=True), cfg, device)
     if stage == "lm":
         return model, losses, lm_validation(model, tok, cfg, device)
     return model, losses, evaluate.evaluate_vlm(stage, model, tok, cfg, device)
@@ -580,9 +808,11 @@ def per_answer_loss(logits, labels):
 
 
 @torch.no_grad()
-def lm_validation(model, tok, cfg, device):
-    """The lm stage is measured by perplexity on conversations of validation scenes."""
-    batch = vlm_batch(cfg, tok, "lm", 0, 0, model.num_image_tokens, 64, split="val")
+def lm_validation(model, tok, cfg, device, batch=None):
+    """The lm stage is measured by perplexity on conversations of validation scenes (or on
+    the batch given: your held-out rows' text)."""
+    if batch is None:
+        batch = vlm_batch(cfg, tok, "lm", 0, 0, model.num_image_tokens, 64, split="val")
     _, loss = model(batch["input_ids"].to(device), None, batch["attention_mask"].to(device),
                     batch["labels"].to(device))
     return {"lm_val_loss": loss.item(), "lm_val_ppl": math.exp(loss.item())}
@@ -609,7 +839,7 @@ def resume_point(stage, cfg, tok):
     return ckpt
 
 
-def run_stage(stage, cfg, tok, device, dtype):
+def run_stage(stage, cfg, tok, device, dtype, user=None):
     """Train one stage, or with --resume skip it (finished) or continue it (cut short); its
     checkpoint out/<stage>.pt is written every cfg.checkpoint_every steps and at the end:
 
@@ -617,7 +847,7 @@ def run_stage(stage, cfg, tok, device, dtype):
       + optimizer, scaler, rng      while the stage runs (what --resume needs to go on)
       + metrics, seconds            once it has finished and been evaluated
 
-    Returns the stage's figures."""
+    user: your data (load_user_data), None for the shapes world. Returns the stage's figures."""
     path = os.path.join(cfg.out_dir, f"{stage}.pt")
     resume = resume_point(stage, cfg, tok)
     if resume is not None and "metrics" in resume:
@@ -633,7 +863,7 @@ def run_stage(stage, cfg, tok, device, dtype):
                                "model": trained_module(stage, model).state_dict(), **state})
 
     run = stage_clip if stage == "clip" else functools.partial(stage_vlm, stage)
-    model, losses, metrics = run(cfg, tok, device, dtype, resume, save)
+    model, losses, metrics = run(cfg, tok, device, dtype, resume, save, user)
     metrics[f"{stage}_train_seconds"] = time.time() - t0 + (resume or {}).get("seconds", 0.0)
     save(model, {"step": len(losses), "losses": losses, "metrics": metrics,
                  "seconds": metrics[f"{stage}_train_seconds"]})
@@ -644,6 +874,9 @@ def main(argv):
     cfg = parse_flags(Config, argv, PRESETS)
     if cfg.stage not in STAGES + ("all",):
         raise ConfigError(f"--stage must be one of {', '.join(STAGES)}, all; not {cfg.stage!r}")
+    if cfg.export:
+        return export_world(cfg)
+    check_data_flags(cfg)
     device, dtype = pick_device(cfg)
     print(f"device {device}, dtype {str(dtype).replace('torch.', '')}")
     t0 = time.time()
@@ -651,8 +884,13 @@ def main(argv):
     if cfg.stage == "all" and not cfg.resume and os.path.isfile(os.path.join(cfg.out_dir, "metrics.json")):
         os.remove(os.path.join(cfg.out_dir, "metrics.json"))  # a new run: no figures of an old one
     tok = get_tokenizer(cfg)
+    check_vision_from(cfg, tok)
+    user = load_user_data(cfg, tok)   # your own data (None: the shapes world), checked before any training
     for stage in STAGES if cfg.stage == "all" else (cfg.stage,):
-        metrics = update_metrics(cfg.out_dir, run_stage(stage, cfg, tok, device, dtype))
+        if stage == "clip" and cfg.vision_from:
+            print(f"clip: not trained, the ViT comes from {cfg.vision_from}")
+            continue
+        metrics = update_metrics(cfg.out_dir, run_stage(stage, cfg, tok, device, dtype, user))
     if cfg.stage == "all":
         metrics = update_metrics(cfg.out_dir, {"total_seconds": time.time() - t0})
     evaluate.print_table(metrics)
@@ -661,7 +899,7 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (ConfigError, data.ImageError) as e:
+    except (ConfigError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except TrainingError as e:

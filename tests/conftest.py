@@ -1,5 +1,6 @@
 import pytest
 import torch
+from PIL import Image
 
 import train
 from model import VLM
@@ -26,3 +27,33 @@ def ckpt(tmp_path_factory):
     train.save_checkpoint(str(out / "instruct.pt"), {"stage": "instruct", "config": vars(cfg).copy(),
                                                      "model": model.state_dict(), "tokenizer": tok.state()})
     return out
+
+
+# A folder of images the way people have them: every common format and mode, odd sizes.
+# Each has its own colour, so a test can tell which image went where.
+MIXED_IMAGES = {  # name: (mode, size, colour)
+    "photo.jpg": ("RGB", (40, 30), (200, 30, 30)),
+    "cmyk.jpg": ("CMYK", (33, 33), (0, 255, 255, 0)),
+    "alpha.png": ("RGBA", (17, 64), (30, 200, 30, 128)),
+    "grey.png": ("L", (64, 64), 90),
+    "palette.png": ("P", (5, 80), 3),
+    "deep.png": ("I;16", (9, 9), 40000),
+    "first_frame.gif": ("RGB", (24, 24), (30, 30, 200)),
+    "pic.webp": ("RGB", (100, 50), (200, 200, 30)),
+    "tiny.bmp": ("1", (1, 1), 1),
+}
+
+
+@pytest.fixture
+def mixed_images(tmp_path):
+    """(folder, names) of MIXED_IMAGES written to disk; the GIF is animated (a second frame
+    in another colour: only the first one counts)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, (mode, size, colour) in MIXED_IMAGES.items():
+        img = Image.new(mode, size, colour)
+        if name.endswith(".gif"):
+            img.save(folder / name, save_all=True, append_images=[Image.new("RGB", size, (0, 0, 0))], duration=50)
+        else:
+            img.save(folder / name)
+    return folder, list(MIXED_IMAGES)
