@@ -408,7 +408,7 @@ def train_loop(name, model, groups, get_batch, loss_fn, steps, batch_size, cfg, 
     autocast = torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
     # fp16 (a T4) overflows where bf16 does not: the scaler multiplies the loss before backward,
     # divides the gradients back (unscale_, before clipping) and skips a step whose gradients hold inf
-    scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
     trainable = [p for g in opt.param_groups for p in g["params"]]
     step_model = training_model(model, cfg, device)
     # this rank's micro-batches of each step: all of them in one process, every N-th of N ranks

@@ -574,6 +574,30 @@ SHORT_RUN = ["--config=tiny", "--tokenizer_scenes=50", "--log_every=1000", "--ev
              "--eval_captions=2", "--eval_batch_size=8"] + [f"--{s}_steps=3" for s in train.STAGES]
 
 
+def test_fp16_steps_whose_gradients_overflow_are_skipped():
+    """The fp16 path (a T4 has no bf16): GradScaler multiplies the loss by 2^16 before backward.
+    Here w = 1 (4 weights), x = 1 (2 rows), loss = sum(x w): each weight's gradient is 2, so
+    2 x 65536 and 2 x 32768 overflow fp16 (max 65504) and those two steps must be skipped (the
+    scale halves each time, the weights and AdamW's state stay untouched); at 16384 the third
+    step is AdamW's first: w <- w (1 - lr wd) - lr, since its first update is lr x m/sqrt(v) = lr.
+    Without the scaler the inf gradients would turn the weights into NaN."""
+    cfg = Config(warmup_frac=0.0, log_every=1000)
+    model = torch.nn.Linear(4, 1, bias=False)
+    torch.nn.init.ones_(model.weight)
+    at_step_start = []
+
+    def get_batch(step, micro):
+        at_step_start.append(model.weight.detach().clone())
+        return {"x": torch.ones(2, 4)}
+
+    losses = train.train_loop("fp16", model, [(model.parameters(), 0.1)], get_batch,
+                              lambda m, b: m(b["x"]).float().sum(), 3, 2, cfg, "cpu", torch.float16)
+    assert losses == [8.0, 8.0, 8.0]
+    assert all(torch.equal(w, torch.ones(1, 4)) for w in at_step_start)  # steps 0 and 1 changed nothing
+    lr = 0.1 * train.lr_at(2, 3, cfg)
+    torch.testing.assert_close(model.weight.detach(), torch.full((1, 4), (1 - lr * cfg.weight_decay) - lr))
+
+
 def test_batches_built_in_dataloader_workers_train_identically(world, monkeypatch):
     """--data_workers=2 (the CUDA default) builds the batches in two forked processes ahead of
     the step. A batch is a pure function of (stage, step, micro), so the losses must be those of
