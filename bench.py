@@ -459,16 +459,17 @@ def format_flops(r):
              f"{'stage':<10}{'steps':>6}{'batch':>6}{'tok/smp':>8}{'GFLOP/step':>11}{'attn GF':>8}{'PFLOP':>7}"
              f"{'data s':>8}{'scn/s':>7}" + (f"{'est step s':>11}{'est s':>7}" if r["assume_flops"] else "")]
     for n in train.STAGES:
-        line = (f"{n:<10}{r[f'train_steps_{n}']:6d}{r[f'train_batch_size_{n}']:6d}{r[f'train_tokens_per_sample_{n}']:8d}"
-                f"{r[f'train_flops_per_step_{n}'] / G:11.1f}{r[f'train_attention_flops_per_step_{n}'] / G:8.1f}"
-                f"{r[f'train_flops_{n}'] / 1e15:7.2f}{r[f'data_batch_seconds_{n}']:8.3f}{r[f'data_scenes_per_s_{n}']:7.0f}")
+        line = (f"{n:<10}{r[f'train_steps_{n}']:6d}{r[f'train_batch_size_{n}']:6d}"
+                f"{r[f'train_tokens_per_sample_{n}']:8d}{r[f'train_flops_per_step_{n}'] / G:11.1f}"
+                f"{r[f'train_attention_flops_per_step_{n}'] / G:8.1f}{r[f'train_flops_{n}'] / 1e15:7.2f}"
+                f"{r[f'data_batch_seconds_{n}']:8.3f}{r[f'data_scenes_per_s_{n}']:7.0f}")
         if r["assume_flops"]:
             step = r[f"train_step_seconds_{n}"]
             line += f"{step:11.3f}{step * r[f'train_steps_{n}']:7.0f}"
         lines.append(line)
     total = sum(r[f"train_flops_{n}"] for n in train.STAGES)
-    lines += ["", f"all stages: {total / 1e15:.2f} PFLOP of model FLOPs"
-              + (f", {total / r['assume_flops']:.0f} s at {r['assume_flops'] / 1e12:.1f} TFLOP/s" if r["assume_flops"] else ""),
+    at = f", {total / r['assume_flops']:.0f} s at {r['assume_flops'] / 1e12:.1f} TFLOP/s" if r["assume_flops"] else ""
+    lines += ["", f"all stages: {total / 1e15:.2f} PFLOP of model FLOPs{at}",
               "data s: one batch built in one process on this machine (scn/s: its scenes per second)"]
     return "\n".join(lines)
 

@@ -60,7 +60,7 @@ class Config:
     seed: int = 0
     log_every: int = 50
     compile: bool = False         # torch.compile the model for training (worth it on a GPU, after ~1 min of compiling)
-    data_workers: int = -1        # processes building batches ahead of the step; -1: 2 on CUDA, 0 on CPU (built in the loop)
+    data_workers: int = -1        # processes building batches ahead of the step; -1: 2 on CUDA, 0 (in the loop) on CPU
     # the shapes world
     image_size: int = 64
     max_objects: int = 3
@@ -144,11 +144,11 @@ PRESETS = {
     "colab": dict(
         image_size=128, vit_width=256, vit_depth=6, vit_heads=8,
         text_width=256, text_depth=4, text_heads=8, embed_dim=256,
-        clip_steps=2000, clip_batch_size=128, clip_lr=5e-4,
+        clip_steps=3000, clip_batch_size=128, clip_lr=5e-4,
         llm_dim=384, llm_layers=6, llm_heads=6, llm_kv_heads=6, llm_ffn_hidden=1024,
         lm_steps=300, lm_batch_size=64, lm_lr=1e-3,
         projector="pixel_shuffle", align_steps=400, align_batch_size=64, align_lr=1e-3,
-        instruct_steps=2000, instruct_batch_size=32, instruct_lr=5e-4, instruct_projector_lr=1e-3,
+        instruct_steps=2500, instruct_batch_size=32, instruct_lr=5e-4, instruct_projector_lr=1e-3,
         log_every=100,
     ),
 }
@@ -307,7 +307,8 @@ def training_model(model, cfg, device):
     """What the training step calls: the model, inside DistributedDataParallel under torchrun
     (its backward averages the gradients over the ranks), compiled with --compile."""
     if dist.is_initialized():
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
+        device_ids = [device] if device.startswith("cuda") else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     return torch.compile(model) if cfg.compile else model
 
 
@@ -422,7 +423,8 @@ def train_loop(name, model, groups, get_batch, loss_fn, steps, batch_size, cfg, 
             group["lr"] = group["peak_lr"] * lr_at(step, steps, cfg)
         total = torch.zeros((), device=device)
         for i, micro in enumerate(micros):
-            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                     for k, v in next(batches).items()}
             with gradient_sync(step_model, last_micro=i == len(micros) - 1):
                 with autocast:
                     loss = loss_fn(step_model, batch) / len(micros)
