@@ -225,9 +225,9 @@ def pick_device(cfg):
         torch.backends.cudnn.allow_tf32 = True
     if cfg.dtype == "auto":
         if device.startswith("cuda"):
-            # bf16 tensor cores from Ampere (compute capability 8) on; a T4 (7.5) emulates bf16
-            # slowly, and is_bf16_supported() counts emulation unless told not to
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
+            # bf16 tensor cores from Ampere (compute capability 8.0) on. Not is_bf16_supported():
+            # it also says yes for a T4 (7.5), which can only emulate bf16, slowly
+            dtype = "bfloat16" if torch.cuda.get_device_capability(device)[0] >= 8 else "float16"
         else:
             dtype = "float32"  # bf16 matmuls are very slow on most CPUs
     else:
