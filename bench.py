@@ -454,6 +454,7 @@ def count_flops(bench):
 
 
 def format_flops(r):
+    """The --flops_only results as a table."""
     G = 1e9
     lines = [f"{r['config']} preset: FLOPs counted, not measured; data timed on this machine, one process", "",
              f"{'stage':<10}{'steps':>6}{'batch':>6}{'tok/smp':>8}{'GFLOP/step':>11}{'attn GF':>8}{'PFLOP':>7}"
