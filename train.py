@@ -362,7 +362,7 @@ def batch_loader(get_batch, steps, micros, cfg, device):
     """This rank's micro-batches of every step, in training order. On CUDA, data_workers
     processes render them ahead of the GPU into pinned (page-locked) memory, whose copy to the
     GPU runs asynchronously (non_blocking=True). On CPU they are built in the loop: the model
-    needs every core there, and a batch costs 2-10 % of a step (bench.py, column data%)."""
+    needs every core there, and a batch costs 1.5-10 % of a step (bench.py, column data%)."""
     cuda = device.startswith("cuda")
     workers = cfg.data_workers if cfg.data_workers >= 0 else 2 if cuda else 0
     pairs = [(step, micro) for step in steps for micro in micros]
