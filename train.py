@@ -7,6 +7,8 @@ train.py — the one entry point: CLIP pretraining, a tiny LLM, then LLaVA's two
     python train.py --clip_steps=200 --device=cpu   # any config field is a flag
     python train.py --export=shapes_data            # the shapes world as PNG + LLaVA JSON files
     python train.py --caption_data=captions.json --instruct_data=instruct.json   # your own data
+    python train.py --config=colab --compile        # one 16 GB GPU (a Colab T4): 128x128 images, bigger towers
+    torchrun --nproc_per_node=2 train.py --grad_accum=2   # DDP: each rank runs half of every step's micro-batches
 
 The stages (DESIGN.md; LLaVA = "Visual Instruction Tuning", Liu et al. 2023, arXiv:2304.08485):
   clip      ViT + text tower learn a joint embedding from image-caption pairs
@@ -19,8 +21,15 @@ The stages (DESIGN.md; LLaVA = "Visual Instruction Tuning", Liu et al. 2023, arX
 Every stage writes out/<stage>.pt (config + weights + tokenizer) and adds its figures to
 out/metrics.json (one flat JSON object; fractions in [0, 1]; timings end in _seconds).
 Flags: --key=value or --key value; a bare --flag sets a boolean; unknown keys are refused.
+
+Under torchrun (DistributedDataParallel: "PyTorch Distributed: Experiences on Accelerating
+Data Parallel Training", Li et al. 2020, arXiv:2006.15704) a step is the same global batch as
+in one process, batch_size x grad_accum samples: rank r builds micro-batches r, r + N, ...
+of the N ranks, gradients are averaged over the ranks, and rank 0 alone logs, evaluates and
+writes. So grad_accum must be a multiple of the number of ranks.
 """
 
+import contextlib
 import functools
 import json
 import math
@@ -32,6 +41,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
@@ -56,6 +66,8 @@ class Config:
     checkpoint_every: int = 100   # a stage saves its checkpoint every N steps, and at its end
     resume: bool = False          # continue the run in out_dir: finished stages are skipped,
                                   # a stage cut short goes on from its last checkpoint
+    compile: bool = False         # torch.compile the model for training (worth it on a GPU, after ~1 min of compiling)
+    data_workers: int = -1        # processes building batches ahead of the step; -1: 2 on CUDA, 0 (in the loop) on CPU
     # the shapes world
     image_size: int = 64
     max_objects: int = 3
@@ -141,6 +153,19 @@ PRESETS = {
         eval_clip_scenes=100, eval_retrieval=50, eval_questions=100, eval_pope=40,
         eval_grounding=20, eval_captions=20, eval_batch_size=50,
     ),
+    # One 16 GB GPU, sized for a Colab T4 (about 15 minutes: the estimate is in the README).
+    # 128x128 scenes cut into 8x8 patches (256 per image), pixel shuffle back down to 64 image
+    # tokens, and towers 2-4x wider and deeper than the CPU default.
+    "colab": dict(
+        image_size=128, vit_width=256, vit_depth=6, vit_heads=8,
+        text_width=256, text_depth=4, text_heads=8, embed_dim=256,
+        clip_steps=3000, clip_batch_size=128, clip_lr=5e-4,
+        llm_dim=384, llm_layers=6, llm_heads=6, llm_kv_heads=6, llm_ffn_hidden=1024,
+        lm_steps=300, lm_batch_size=64, lm_lr=1e-3,
+        projector="pixel_shuffle", align_steps=400, align_batch_size=64, align_lr=1e-3,
+        instruct_steps=2500, instruct_batch_size=32, instruct_lr=5e-4, instruct_projector_lr=1e-3,
+        log_every=100,
+    ),
 }
 
 
@@ -212,9 +237,16 @@ def pick_device(cfg):
         raise ConfigError(f"--device={cfg.device} but no CUDA GPU is visible")
     else:
         device = cfg.device
+    if device.startswith("cuda"):
+        # TF32 (Ampere and later): fp32 matmuls and convolutions run on tensor cores with 10-bit
+        # mantissa inputs and fp32 sums; it serves what runs outside autocast, or --dtype=float32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if cfg.dtype == "auto":
         if device.startswith("cuda"):
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+            # bf16 tensor cores from Ampere (compute capability 8.0) on. Not is_bf16_supported():
+            # it also says yes for a T4 (7.5), which can only emulate bf16, slowly
+            dtype = "bfloat16" if torch.cuda.get_device_capability(device)[0] >= 8 else "float16"
         else:
             dtype = "float32"  # bf16 matmuls are very slow on most CPUs
     else:
@@ -225,11 +257,16 @@ def pick_device(cfg):
 
 
 def save_checkpoint(path, payload):
-    """Atomic write: a crash mid-save leaves the previous file whole (temp file + os.replace)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    """Atomic write: a crash mid-save leaves the previous file whole (temp file + os.replace).
+    Under torchrun rank 0 writes (every rank holds the same weights) and all ranks wait until
+    the file is whole, since the next stage loads it on every rank."""
+    if is_main():
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = path + ".tmp"
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def load_checkpoint(path):
@@ -244,7 +281,9 @@ def load_checkpoint(path):
 
 
 def update_metrics(out_dir, new):
-    """metrics.json is one flat object that every stage adds to, written atomically."""
+    """metrics.json is one flat object that every stage adds to, written atomically (by rank 0)."""
+    if not is_main():
+        return new
     path = os.path.join(out_dir, "metrics.json")
     metrics = {}
     if os.path.isfile(path):
@@ -256,6 +295,104 @@ def update_metrics(out_dir, new):
         json.dump(metrics, f, indent=1, sort_keys=True)
     os.replace(tmp, path)
     return metrics
+
+
+# -----------------------------------------------------------------------------
+# DDP under torchrun, and batches built ahead of the step
+
+def init_distributed(cfg, device):
+    """Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK in the environment) join the process group:
+    NCCL between GPUs, gloo between CPU processes; rank r drives GPU LOCAL_RANK. Returns the
+    device. Only rank 0 prints: the others' stdout goes to /dev/null (errors still show)."""
+    if "RANK" not in os.environ:
+        return device
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if cfg.grad_accum % dist.get_world_size() != 0:
+        raise ConfigError(f"--grad_accum={cfg.grad_accum} must be a multiple of the {dist.get_world_size()} "
+                          "ranks: each rank runs grad_accum / ranks micro-batches of every step")
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def training_model(model, cfg, device):
+    """What the training step calls: the model, inside DistributedDataParallel under torchrun
+    (its backward averages the gradients over the ranks), compiled with --compile."""
+    if dist.is_initialized():
+        device_ids = [device] if device.startswith("cuda") else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return torch.compile(model) if cfg.compile else model
+
+
+def gradient_sync(step_model, last_micro):
+    """DDP averages gradients in every backward; during gradient accumulation only the last
+    micro-batch's backward needs to (no_sync: the others just add into .grad locally)."""
+    if dist.is_initialized() and not last_micro:
+        return step_model.no_sync()
+    return contextlib.nullcontext()
+
+
+def mean_over_ranks(x):
+    """The mean of a tensor over all ranks, the same on each (x itself in one process)."""
+    if dist.is_initialized():
+        dist.all_reduce(x)  # a sum: gloo has no average
+        x = x / dist.get_world_size()
+    return x
+
+
+def check_replicas(model, name):
+    """Every rank started from rank 0's weights (DDP broadcasts them) and applied the same
+    averaged gradients, so all must end with the same weights. A fingerprint of every tensor
+    (its sum and sum of squares, in float64) is compared across ranks; a difference stops all."""
+    if not dist.is_initialized():
+        return
+    tensors = [t.double() for t in model.state_dict().values() if t.is_floating_point()]
+    fingerprint = torch.stack([s for t in tensors for s in (t.sum(), t.pow(2).sum())])  # (2 x tensors,)
+    everyone = [torch.empty_like(fingerprint) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, fingerprint)
+    differ = [r for r, f in enumerate(everyone) if not torch.equal(f, everyone[0])]
+    if differ:
+        raise RuntimeError(f"{name}: the weights of ranks {differ} differ from rank 0's after training")
+    print(f"{name}: weights identical on all {len(everyone)} ranks")
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Item i is the batch of the i-th (step, micro) pair: get_batch stays the pure function of
+    (step, micro) it is; only which process calls it, and when, changes."""
+
+    def __init__(self, get_batch, pairs):
+        self.get_batch, self.pairs = get_batch, pairs
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        return self.get_batch(*self.pairs[i])
+
+
+def batch_loader(get_batch, steps, micros, cfg, device):
+    """This rank's micro-batches of every step, in training order. On CUDA, data_workers
+    processes render them ahead of the GPU into pinned (page-locked) memory, whose copy to the
+    GPU runs asynchronously (non_blocking=True). On CPU they are built in the loop: the model
+    needs every core there, and a batch costs 1.5-10 % of a step (bench.py, column data%)."""
+    cuda = device.startswith("cuda")
+    workers = cfg.data_workers if cfg.data_workers >= 0 else 2 if cuda else 0
+    pairs = [(step, micro) for step in steps for micro in micros]
+    loader = torch.utils.data.DataLoader(
+        MicroBatches(get_batch, pairs), batch_size=None, num_workers=workers, pin_memory=cuda,
+        prefetch_factor=4 if workers else None,
+        # fork: the stages' get_batch are closures, which spawn and forkserver cannot pickle
+        multiprocessing_context="fork" if workers else None,
+        # its own generator: the loader draws a worker seed, which must not move torch's global RNG
+        generator=torch.Generator().manual_seed(cfg.seed))
+    return iter(loader)
 
 
 # -----------------------------------------------------------------------------
@@ -292,28 +429,37 @@ def train_loop(name, model, groups, get_batch, loss_fn, steps, batch_size, cfg, 
     Returns the per-step losses."""
     opt = make_optimizer(groups, cfg, device)
     autocast = torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
-    scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
+    # fp16 (a T4) overflows where bf16 does not: the scaler multiplies the loss before backward,
+    # divides the gradients back (unscale_, before clipping) and skips a step whose gradients hold inf
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
     trainable = [p for g in opt.param_groups for p in g["params"]]
+    step_model = training_model(model, cfg, device)
     losses, start = [], 0
     if resume is not None:  # the data stream needs no state: batch `step` is a pure function of step
         opt.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["scaler"])
         torch.set_rng_state(resume["rng"])
         losses, start = list(resume["losses"]), resume["step"]
+    # this rank's micro-batches of each step: all of them in one process, every N-th of N ranks
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    micros = range(rank, cfg.grad_accum, world)
+    batches = batch_loader(get_batch, range(start, steps), micros, cfg, device)
     t0 = time.time()
     model.train()
     for step in range(start, steps):
         for group in opt.param_groups:
             group["lr"] = group["peak_lr"] * lr_at(step, steps, cfg)
-        total = 0.0
-        for micro in range(cfg.grad_accum):
+        total = torch.zeros((), device=device)
+        for i in range(len(micros)):
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-                     for k, v in get_batch(step, micro).items()}
-            with autocast:
-                loss = loss_fn(model, batch) / cfg.grad_accum
-            scaler.scale(loss).backward()
-            total += loss.item()
-        if not math.isfinite(total):  # before the update: the weights and the last checkpoint stay good
+                     for k, v in next(batches).items()}
+            with gradient_sync(step_model, last_micro=i == len(micros) - 1):
+                with autocast:
+                    loss = loss_fn(step_model, batch) / len(micros)
+                scaler.scale(loss).backward()
+            total += loss.detach()
+        total = mean_over_ranks(total).item()  # one sync per step; every rank sees the same number
+        if not math.isfinite(total):  # before the update, on every rank: the weights and the last checkpoint stay good
             raise TrainingError(f"{name}: loss is {total} at step {step}; stopped, the last checkpoint is kept")
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
@@ -332,6 +478,7 @@ def train_loop(name, model, groups, get_batch, loss_fn, steps, batch_size, cfg, 
             checkpoint({"step": step + 1, "losses": losses, "optimizer": opt.state_dict(),
                         "scaler": scaler.state_dict(), "rng": torch.get_rng_state()})
     model.eval()
+    check_replicas(model, name)
     return losses
 
 
@@ -377,7 +524,8 @@ def get_tokenizer(cfg):
     t0 = time.time()
     tok = data.Tokenizer(data.train_bpe(world_texts(cfg), cfg.vocab_size))
     print(f"tokenizer: {tok.vocab_size} tokens trained in {time.time() - t0:.1f}s")
-    tok.save(path)
+    if is_main():  # every rank trained the same tokenizer; one writes it
+        tok.save(path)
     return tok
 
 
@@ -741,6 +889,8 @@ def stage_clip(cfg, tok, device, dtype, resume=None, save=None, user=None):
     checkpoint = (lambda state: save(model, state)) if save else None
     losses = train_loop("clip", model, [(model.parameters(), cfg.clip_lr)], get_batch, loss_fn,
                         cfg.clip_steps, cfg.clip_batch_size, cfg, device, dtype, resume, checkpoint)
+    if not is_main():  # rank 0 alone evaluates
+        return model, losses, {}
     if user is not None:
         return model, losses, evaluate_held_out("clip", model, tok, user.rows("clip", held_out=True), cfg, device)
     return model, losses, evaluate.evaluate_clip(model, tok, cfg, device)
@@ -784,6 +934,8 @@ def stage_vlm(stage, cfg, tok, device, dtype, resume=None, save=None, user=None)
         loss_fn = lambda m, b: m(b["input_ids"], b["images"], labels=b["labels"])[1]
     checkpoint = (lambda state: save(model, state)) if save else None
     losses = train_loop(stage, model, groups, get_batch, loss_fn, steps, bs, cfg, device, dtype, resume, checkpoint)
+    if not is_main():  # rank 0 alone evaluates
+        return model, losses, {}
     if user is not None:
         return model, losses, evaluate_held_out(stage, model, tok, user.rows(stage, held_out=True), cfg, device)
     if stage == "lm":
@@ -878,10 +1030,11 @@ def main(argv):
         return export_world(cfg)
     check_data_flags(cfg)
     device, dtype = pick_device(cfg)
+    device = init_distributed(cfg, device)
     print(f"device {device}, dtype {str(dtype).replace('torch.', '')}")
     t0 = time.time()
     os.makedirs(cfg.out_dir, exist_ok=True)
-    if cfg.stage == "all" and not cfg.resume and os.path.isfile(os.path.join(cfg.out_dir, "metrics.json")):
+    if cfg.stage == "all" and not cfg.resume and is_main() and os.path.isfile(os.path.join(cfg.out_dir, "metrics.json")):
         os.remove(os.path.join(cfg.out_dir, "metrics.json"))  # a new run: no figures of an old one
     tok = get_tokenizer(cfg)
     check_vision_from(cfg, tok)
@@ -894,6 +1047,8 @@ def main(argv):
     if cfg.stage == "all":
         metrics = update_metrics(cfg.out_dir, {"total_seconds": time.time() - t0})
     evaluate.print_table(metrics)
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -130,15 +130,39 @@ def test_padded_batch_equals_rows_alone():
             torch.testing.assert_close(logits[b, span], alone[b], atol=1e-5, rtol=1e-5)
 
 
-def test_kv_cache_prefill_then_steps_equals_full_forward():
+@pytest.mark.parametrize("explicit", [False, True])
+def test_kv_cache_prefill_then_steps_equals_full_forward(explicit):
     torch.manual_seed(0)
-    lm = LanguageModel(tiny_llm())
+    lm = LanguageModel(tiny_llm(explicit_attention=explicit))
     ids = torch.randint(0, 40, (2, 10))
     full = lm(ids)
     cache = KVCache(lm.cfg, batch_size=2, max_len=10)
-    parts = [lm(ids[:, :6], kv_cache=cache)] + [lm(ids[:, t : t + 1], kv_cache=cache) for t in range(6, 10)]
-    assert cache.length == 10
+    # a prefill, a 3-token chunk after it (causal, aligned to the end of the keys), then single tokens
+    parts = [lm(ids[:, :4], kv_cache=cache), lm(ids[:, 4:7], kv_cache=cache)]
+    parts += [lm(ids[:, t : t + 1], kv_cache=cache) for t in range(7, 10)]
+    assert cache.length == 10 and not cache.padded  # no padding: the steps run without any mask
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_remembers_left_padding_of_the_prompt():
+    torch.manual_seed(0)
+    lm = LanguageModel(tiny_llm())
+    ids = torch.randint(0, 40, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0  # row 1: three pads on the left
+    full = lm(ids, attention_mask=mask)
+    cache = KVCache(lm.cfg, batch_size=2, max_len=9)
+    parts = [lm(ids[:, :6], attention_mask=mask[:, :6], kv_cache=cache)]
+    assert cache.padded
+    # the steps bring no mask: the cache knows which of its slots are pads
+    parts += [lm(ids[:, t : t + 1], kv_cache=cache) for t in range(6, 9)]
+    got = torch.cat(parts, dim=1)
+    torch.testing.assert_close(got[1, 3:], full[1, 3:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[0], full[0], atol=1e-5, rtol=1e-5)
+    # an all-ones mask is no padding: the cache stays on the unmasked path
+    cache = KVCache(lm.cfg, batch_size=2, max_len=9)
+    lm(ids, attention_mask=torch.ones_like(ids), kv_cache=cache)
+    assert not cache.padded
 
 
 def left_padded_prompts(vlm, gen):

@@ -20,7 +20,7 @@ import random
 import re
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -902,3 +902,97 @@ def test_export_round_trips_to_the_same_conversations(tmp_path):
     for row, (scene, qtype, question, answer) in zip(questions, expected):
         assert row.messages == train.chat_messages([(question, answer)], True) and row.id.endswith(qtype)
         assert np.array_equal(pixels(row.images[0]), np.asarray(shapes.render(scene)))
+
+
+# ----------------------------------------------------------------------------- GPU path, data workers, DDP
+
+# every stage, a few steps, evaluation sets of a few items: what the runs below compare is the weights
+SHORT_RUN = ["--config=tiny", "--tokenizer_scenes=50", "--log_every=1000", "--eval_clip_scenes=10",
+             "--eval_retrieval=4", "--eval_questions=7", "--eval_pope=2", "--eval_grounding=2",
+             "--eval_captions=2", "--eval_batch_size=8"] + [f"--{s}_steps=3" for s in train.STAGES]
+
+
+def test_fp16_steps_whose_gradients_overflow_are_skipped():
+    """The fp16 path (a T4 has no bf16): GradScaler multiplies the loss by 2^16 before backward.
+    Here w = 1 (4 weights), x = 1 (2 rows), loss = sum(x w): each weight's gradient is 2, so
+    2 x 65536 and 2 x 32768 overflow fp16 (max 65504) and those two steps must be skipped (the
+    scale halves each time, the weights and AdamW's state stay untouched); at 16384 the third
+    step is AdamW's first: w <- w (1 - lr wd) - lr, since its first update is lr x m/sqrt(v) = lr.
+    Without the scaler the inf gradients would turn the weights into NaN."""
+    cfg = Config(warmup_frac=0.0, log_every=1000)
+    model = torch.nn.Linear(4, 1, bias=False)
+    torch.nn.init.ones_(model.weight)
+    at_step_start = []
+
+    def get_batch(step, micro):
+        at_step_start.append(model.weight.detach().clone())
+        return {"x": torch.ones(2, 4)}
+
+    losses = train.train_loop("fp16", model, [(model.parameters(), 0.1)], get_batch,
+                              lambda m, b: m(b["x"]).float().sum(), 3, 2, cfg, "cpu", torch.float16)
+    assert losses == [8.0, 8.0, 8.0]
+    assert all(torch.equal(w, torch.ones(1, 4)) for w in at_step_start)  # steps 0 and 1 changed nothing
+    lr = 0.1 * train.lr_at(2, 3, cfg)
+    torch.testing.assert_close(model.weight.detach(), torch.full((1, 4), (1 - lr * cfg.weight_decay) - lr))
+
+
+def test_batches_built_in_dataloader_workers_train_identically(world, monkeypatch):
+    """--data_workers=2 (the CUDA default) builds the batches in two forked processes ahead of
+    the step. A batch is a pure function of (stage, step, micro), so the losses must be those of
+    the run that builds them in the loop, bit for bit, in the same order (grad_accum 2)."""
+    cfg, tok = world
+    seen = recording(monkeypatch)
+    runs = {}
+    for workers in (0, 2):
+        torch.manual_seed(0)
+        train.stage_vlm("lm", replace(cfg, lm_steps=4, grad_accum=2, data_workers=workers), tok, "cpu", torch.float32)
+        runs[workers] = seen.pop("lm")
+    assert len(runs[0]) == 4 and runs[0] == runs[2]
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p != "tiny"])
+def test_every_preset_builds_and_trains_a_step_of_every_stage(preset, tmp_path, monkeypatch):
+    """The real towers of each preset (colab: 128x128 images, 256 patches of 8x8, pixel shuffle
+    to 64 image tokens, an LLM 384 wide x 6) build, train one step of every stage on a batch of
+    2, hand their checkpoints to the next stage and evaluate; the shapes come from the preset.
+    The CLIP linear probe embeds 2,000 scenes whatever the flags (minutes for colab's ViT on
+    this CPU), so it is skipped here."""
+    monkeypatch.setattr(evaluate, "linear_probe", lambda *a, **k: float("nan"))
+    flags = [f"--config={preset}", f"--out_dir={tmp_path}", *SHORT_RUN[1:]]
+    flags += [f"--{s}_steps=1" for s in train.STAGES] + [f"--{s}_batch_size=2" for s in train.STAGES]
+    train.main(flags)
+    ckpt = train.load_checkpoint(str(tmp_path / "instruct.pt"))
+    cfg = Config(**ckpt["config"])
+    assert asdict(cfg) == asdict(parse_flags(Config, flags, PRESETS))
+    model = VLM(train.vlm_config(cfg, data.Tokenizer.from_state(ckpt["tokenizer"])))
+    model.load_state_dict(ckpt["model"])
+    expected = {"cpu": (64, 64, 192), "colab": (256, 64, 384)}[preset]  # patches, image tokens, LLM width
+    assert (model.cfg.vision.num_patches, model.num_image_tokens, model.cfg.llm.dim) == expected
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert math.isfinite(metrics["lm_val_loss"]) and "vqa_acc" in metrics
+
+
+def test_torchrun_two_ranks_equal_one_process(tmp_path):
+    """DDP: `torchrun --nproc_per_node=2` on CPU (gloo), grad_accum 2, so each rank builds one of
+    the two micro-batches of every step, must end every stage with the weights of one process
+    that builds both (the same global batch). Inside train.py every rank's weights are compared
+    with rank 0's at the end of each stage (check_replicas stops the run if any differs) and rank
+    0 alone logs that; here rank 0's checkpoints are compared with the single process's."""
+    flags = [*SHORT_RUN, "--grad_accum=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", *flags, f"--out_dir={tmp_path / 'ddp'}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for stage in train.STAGES:  # logged once: rank 1 prints nothing
+        assert r.stdout.count(f"{stage}: weights identical on all 2 ranks") == 1, r.stdout
+    assert r.stdout.count("clip step     0/3") == 1
+    train.main([*flags, f"--out_dir={tmp_path / 'one'}"])
+    for stage in train.STAGES:
+        ddp = train.load_checkpoint(str(tmp_path / "ddp" / f"{stage}.pt"))["model"]
+        one = train.load_checkpoint(str(tmp_path / "one" / f"{stage}.pt"))["model"]
+        assert ddp.keys() == one.keys()
+        for name in one:
+            torch.testing.assert_close(ddp[name], one[name], atol=1e-6, rtol=1e-5, msg=f"{stage} {name}")
+    assert json.loads((tmp_path / "ddp" / "metrics.json").read_text()).keys() == \
+        json.loads((tmp_path / "one" / "metrics.json").read_text()).keys()
