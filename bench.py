@@ -3,6 +3,7 @@ bench.py — how fast tinyvlm trains and generates, as numbers.
 
     python bench.py                        # the reference config + every stage of the cpu preset
     python bench.py --config=tiny --steps=3 --json=bench.json
+    python bench.py --config=colab --flops_only --assume_flops=20e12   # a preset too big to time here
 
 In one process it measures
   - the matmul peak of this machine: the median of 10 torch.mm of 2048x2048 (fp32 on CPU;
@@ -37,6 +38,10 @@ Attention's own FLOPs (PaLM's 12·L·d·T per token at k = 6, here k·2·layers�
 per token) are reported beside it but not counted in MFU, as in PaLM and nanoGPT.
 MFU = model FLOPs per second / peak FLOP/s (nanoGPT's bench.py and estimate_mfu are
 the precedent: https://github.com/karpathy/nanoGPT).
+
+--flops_only times nothing but the data: each stage's FLOPs per step and per run, the
+scenes it renders, and with --assume_flops=F (model FLOP/s, i.e. peak x MFU) the seconds its
+training would take, for a preset sized for hardware this machine is not (the colab preset).
 
 Numbers are only as quiet as the machine: on CPU torch uses every core (OMP_NUM_THREADS
 changes that), so run nothing else beside it.
@@ -79,6 +84,8 @@ class BenchConfig:
     data_batches: int = 3  # real batches built per stage to time the data pipeline
     device: str = "auto"   # auto | cpu | cuda
     matmul_size: int = 0   # side of the peak-measuring matmuls; 0: 2048 on CPU, 8192 on GPU
+    flops_only: bool = False    # count FLOPs and time the data only, no model timing
+    assume_flops: float = 0.0   # with flops_only: model FLOP/s to turn FLOPs into seconds (0: none)
 
 
 @dataclass
@@ -393,7 +400,8 @@ def measure_generation(ref, lengths, device, autocast):
 def run(bench, ref=None, gen_lengths=GEN_LENGTHS):
     """Every measurement; returns one flat dict (the JSON)."""
     ref = ref or Reference()
-    cfg = train.Config(**dict(train.PRESETS[bench.config], device=bench.device))
+    # the timed loop marks a step where train_loop asks for its batch: build batches in the loop
+    cfg = train.Config(**dict(train.PRESETS[bench.config], device=bench.device, data_workers=0))
     device, dtype = train.pick_device(cfg)
     torch.manual_seed(0)
     size = bench.matmul_size or (2048 if device == "cpu" else 8192)
@@ -403,8 +411,8 @@ def run(bench, ref=None, gen_lengths=GEN_LENGTHS):
     if vendor:
         results["vendor_peak_flops"] = vendor
     # the reference trains with train.py's default optimiser settings, whatever the preset
-    results.update(measure_training(reference_workload(ref, device), train.Config(device=device), device, dtype,
-                                    bench, peak, vendor))
+    results.update(measure_training(reference_workload(ref, device), train.Config(device=device, data_workers=0),
+                                    device, dtype, bench, peak, vendor))
     tok = data.Tokenizer(data.train_bpe(train.world_texts(cfg), cfg.vocab_size))
     image_tokens = VLM(train.vlm_config(cfg, tok)).num_image_tokens
     for stage in train.STAGES:
@@ -420,6 +428,51 @@ def run(bench, ref=None, gen_lengths=GEN_LENGTHS):
     per_model = [v for k, v in results.items() if k.startswith("peak_memory_bytes_")]
     results["peak_memory_bytes"] = max(per_model + [peak_memory(device)])
     return results
+
+
+def count_flops(bench):
+    """--flops_only: per stage of the preset, model FLOPs per step (the count above, no model
+    run), the whole stage's FLOPs and scenes, and the data pipeline's rate on this machine."""
+    cfg = train.Config(**train.PRESETS[bench.config])
+    tok = data.Tokenizer(data.train_bpe(train.world_texts(cfg), cfg.vocab_size))
+    image_tokens = VLM(train.vlm_config(cfg, tok)).num_image_tokens
+    results = {"config": bench.config, "assume_flops": bench.assume_flops}
+    for stage in train.STAGES:
+        seconds, real = time_data(stage, cfg, tok, bench.data_batches, image_tokens)
+        w = stage_workload(stage, cfg, tok, real, "cpu")
+        steps, flops = getattr(cfg, f"{stage}_steps"), model_flops(w.towers, w.batch_size)
+        results.update({f"train_steps_{stage}": steps, f"train_batch_size_{stage}": w.batch_size,
+                        f"train_tokens_per_sample_{stage}": w.tokens_per_sample,
+                        f"train_flops_per_step_{stage}": flops,
+                        f"train_attention_flops_per_step_{stage}": attention_flops(w.towers, w.batch_size),
+                        f"train_flops_{stage}": steps * flops,
+                        f"data_batch_seconds_{stage}": seconds,
+                        f"data_scenes_per_s_{stage}": w.batch_size / seconds})
+        if bench.assume_flops:
+            results[f"train_step_seconds_{stage}"] = flops / bench.assume_flops
+    return results
+
+
+def format_flops(r):
+    """The --flops_only results as a table."""
+    G = 1e9
+    lines = [f"{r['config']} preset: FLOPs counted, not measured; data timed on this machine, one process", "",
+             f"{'stage':<10}{'steps':>6}{'batch':>6}{'tok/smp':>8}{'GFLOP/step':>11}{'attn GF':>8}{'PFLOP':>7}"
+             f"{'data s':>8}{'scn/s':>7}" + (f"{'est step s':>11}{'est s':>7}" if r["assume_flops"] else "")]
+    for n in train.STAGES:
+        line = (f"{n:<10}{r[f'train_steps_{n}']:6d}{r[f'train_batch_size_{n}']:6d}"
+                f"{r[f'train_tokens_per_sample_{n}']:8d}{r[f'train_flops_per_step_{n}'] / G:11.1f}"
+                f"{r[f'train_attention_flops_per_step_{n}'] / G:8.1f}{r[f'train_flops_{n}'] / 1e15:7.2f}"
+                f"{r[f'data_batch_seconds_{n}']:8.3f}{r[f'data_scenes_per_s_{n}']:7.0f}")
+        if r["assume_flops"]:
+            step = r[f"train_step_seconds_{n}"]
+            line += f"{step:11.3f}{step * r[f'train_steps_{n}']:7.0f}"
+        lines.append(line)
+    total = sum(r[f"train_flops_{n}"] for n in train.STAGES)
+    at = f", {total / r['assume_flops']:.0f} s at {r['assume_flops'] / 1e12:.1f} TFLOP/s" if r["assume_flops"] else ""
+    lines += ["", f"all stages: {total / 1e15:.2f} PFLOP of model FLOPs{at}",
+              "data s: one batch built in one process on this machine (scn/s: its scenes per second)"]
+    return "\n".join(lines)
 
 
 def format_report(r, gen_lengths=GEN_LENGTHS):
@@ -471,9 +524,9 @@ def parse_args(argv):
 def main(argv):
     bench = parse_args(argv)
     t0 = time.perf_counter()
-    results = run(bench)
+    results = count_flops(bench) if bench.flops_only else run(bench)
     results["bench_seconds"] = time.perf_counter() - t0
-    print(format_report(results))
+    print(format_flops(results) if bench.flops_only else format_report(results))
     print(json.dumps(results, indent=1, sort_keys=True))
     if bench.json:
         with open(bench.json, "w") as f:

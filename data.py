@@ -10,14 +10,19 @@ unknown token. `tiktoken` does the encoding; we only supply its ranks.
 Chat template: ChatML-style turns with LLaVA's `<image>` marker (Liu et al., "Visual
 Instruction Tuning", 2023, arXiv:2304.08485); only the assistant's answers carry labels.
 
+Your own data: LLaVA's conversation JSON (a list) or JSONL, checked row by row; a row that
+cannot be used is skipped and counted by reason, never a crash mid-run (DESIGN.md "User data").
+
 Shape legend: B batch, T tokens, n images in a batch, S image side in pixels.
 Run the tests: python -m pytest -q tests/test_data.py
 """
 import collections
 import heapq
+import io
 import json
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -211,6 +216,18 @@ def image_block(tok, n_tokens, grid=None):
     return ids
 
 
+def count_images(messages):
+    """How many images a conversation shows: the <image> markers in its user turns."""
+    return sum(m["content"].count(IMAGE_MARKER) for m in messages if m["role"] == "user")
+
+
+def without_images(messages):
+    """The conversation as text only: the <image> markers of its user turns removed (for the
+    text-only lm stage)."""
+    return [{**m, "content": m["content"].replace(IMAGE_MARKER + "\n", "").replace(IMAGE_MARKER, "")}
+            if m["role"] == "user" else m for m in messages]
+
+
 def _check_roles(messages):
     if not messages:
         raise ValueError("a conversation needs at least one message")
@@ -241,7 +258,7 @@ def encode_chat(tok, messages, image_tokens, system=None):
     the block's ids (from image_block or image_input).
     """
     _check_roles(messages)
-    n_images = sum(m["content"].count(IMAGE_MARKER) for m in messages if m["role"] == "user")
+    n_images = count_images(messages)
     sizes = [image_tokens] * n_images if isinstance(image_tokens, int) else list(image_tokens)
     if len(sizes) != n_images:
         raise ValueError(f"{n_images} {IMAGE_MARKER} markers in the conversation "
@@ -278,12 +295,17 @@ def encode_prompt(tok, messages, image_tokens, system=None):
 # ----------------------------------------------------------------------------- images
 
 
-class ImageError(ValueError):
-    """An image file we refuse, with a one-line message naming the file and the reason."""
+class DataError(ValueError):
+    """A data file we refuse (a data set or an image), with a one-line message naming the
+    file and the reason: train.py and generate.py print it as `error: ...` and exit 2."""
 
     def __init__(self, path, reason):
         self.path, self.reason = str(path), " ".join(str(reason).split())   # one line, always
         super().__init__(f"{self.path}: {self.reason}")
+
+
+class ImageError(DataError):
+    """An image file we refuse: missing, empty, not an image, corrupt, or too large."""
 
 
 def load_image(path):
@@ -296,12 +318,25 @@ def load_image(path):
         raise ImageError(path, "is a directory, not an image file")
     if path.stat().st_size == 0:
         raise ImageError(path, "empty file (0 bytes)")
+    return _decode_image(path, path)
+
+
+def image_from_bytes(raw, name):
+    """An image held in memory (an upload) as RGB, refused like load_image refuses a file;
+    `name` stands for the file in the error message."""
+    if not raw:
+        raise ImageError(name, "empty file (0 bytes)")
+    return _decode_image(io.BytesIO(raw), name)
+
+
+def _decode_image(source, path):
+    """Decode a file or file-like object with Pillow, with every check load_image promises."""
     try:
         with warnings.catch_warnings():
             # Image.open raises DecompressionBombError above 2x the limit but only warns between
             # 1x and 2x; we silence that warning and refuse everything over 1x ourselves below.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:   # reads the header only; animations open on frame 0
+            with Image.open(source) as img:   # reads the header only; animations open on frame 0
                 limit = Image.MAX_IMAGE_PIXELS
                 if limit is not None and img.width * img.height > limit:
                     raise ImageError(path, f"{img.width}x{img.height} pixels is over Pillow's "
@@ -392,6 +427,13 @@ def tile_views(img, tile, grid):
     return torch.cat([preprocess(img, tile)[None], tiles.reshape(rows * cols, 3, tile, tile)])
 
 
+def image_tokens_at_most(tok, n_tokens, grids=()):
+    """The most ids one image can take in a sequence: its slots, or with tiling the block of
+    the largest allowed grid. A bound for length checks made before an image is opened (the
+    grid an image gets depends on its shape)."""
+    return len(image_block(tok, n_tokens, max(grids, key=lambda g: g[0] * g[1]) if grids else None))
+
+
 def image_input(tok, img, size, n_tokens, grids=()):
     """What one image adds to a sample: (views (V, 3, size, size), its block of ids).
     Without grids: V = 1, the image squashed to size x size, n_tokens <|image|> slots.
@@ -410,6 +452,155 @@ def to_pil(x):
     x = (x.detach().float().cpu() * std + mean).clamp(0, 1)                  # (3, H, W) in [0, 1]
     pixels = (x * 255).round().to(torch.uint8).permute(1, 2, 0)             # (H, W, 3)
     return Image.fromarray(pixels.numpy(), "RGB")
+
+
+# ----------------------------------------------------------------------------- your own data (LLaVA JSON)
+
+ROLES = {"human": "user", "gpt": "assistant"}   # LLaVA's speaker names -> the chat template's roles
+SPEAKERS = {role: speaker for speaker, role in ROLES.items()}
+
+# Why a row cannot be used, in the order the checks run (a row is counted under the first).
+MALFORMED = "malformed row"                     # not an object, no list of {"from", "value"} turns, ...
+EMPTY_TURN = "no turns or an empty turn"
+NOT_ALTERNATING = "turns not alternating human, gpt"
+MARKER_COUNT = "<image> markers != images"
+MISSING_IMAGE = "missing image"
+UNREADABLE_IMAGE = "unreadable image"
+# checked by train.py, which has the tokenizer and knows what each stage needs:
+NOT_ONE_IMAGE = "caption row without exactly one image"
+FIRST_EXCHANGE_TOO_LONG = "first exchange longer than the context"
+
+
+@dataclass
+class Row:
+    """One usable row of a LLaVA file."""
+    id: object       # the row's "id" (its position in the file when it has none)
+    images: list     # Paths: the k-th image fills the k-th <image> marker
+    messages: list   # [{"role": "user" | "assistant", "content": str}], alternating, user first
+
+
+def read_rows(path):
+    """The raw rows of a LLaVA file: a JSON list, or one JSON object per line for a .jsonl
+    file. Anything that is not valid JSON is a DataError naming the line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "no such file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")   # -sig: a byte-order mark some editors write is skipped
+    except UnicodeDecodeError as e:
+        raise DataError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if path.suffix == ".jsonl":
+        return [_parse_json(path, line, n) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    rows = _parse_json(path, text, 1)
+    if not isinstance(rows, list):
+        raise DataError(path, f"expected a JSON list of rows (LLaVA format; one object per line needs "
+                              f"a .jsonl name), found a JSON {type(rows).__name__}")
+    return rows
+
+
+def _parse_json(path, text, first_line):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(path, f"line {first_line + e.lineno - 1}, column {e.colno}: invalid JSON ({e.msg})") from None
+
+
+def id_of(raw, position):
+    """A row's "id", or its position in the file when it has none."""
+    return raw.get("id", position) if isinstance(raw, dict) else position
+
+
+def parse_row(raw, position, image_folder, open_end=False):
+    """(Row, None) for a row whose text is usable, else (None, the reason). No image is
+    opened here. open_end: the last turn may be a question (a question file for generate.py)."""
+    if not isinstance(raw, dict):
+        return None, MALFORMED
+    turns, paths = raw.get("conversations"), raw.get("image") or []
+    paths = [paths] if isinstance(paths, str) else paths
+    if (not isinstance(turns, list) or not isinstance(paths, list) or not all(isinstance(p, str) for p in paths)
+            or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns)):
+        return None, MALFORMED
+    if not turns or any(not t["value"].strip() for t in turns):
+        return None, EMPTY_TURN
+    roles = [ROLES.get(t.get("from")) for t in turns]
+    if roles != [("user", "assistant")[k % 2] for k in range(len(turns))] or (roles[-1] == "user" and not open_end):
+        return None, NOT_ALTERNATING
+    messages = [{"role": role, "content": t["value"]} for role, t in zip(roles, turns)]
+    if count_images(messages) != len(paths):
+        return None, MARKER_COUNT
+    return Row(id_of(raw, position), [Path(image_folder) / p for p in paths], messages), None   # an absolute p stays as it is
+
+
+def load_llava(path, image_folder="", open_end=False, check_images=True):
+    """(rows, skipped) of a LLaVA JSON / JSONL file: the usable rows in file order, and
+    {reason: [row ids]} for the others. Relative image paths are under image_folder
+    (default: the file's own folder).
+
+    Every image is opened and decoded here, once (check_images=False skips that): a row with
+    a broken image is dropped before training starts, so a long run never meets one.
+    Decoding costs about a millisecond per small image; the pixels are not kept, training
+    reads each file again when a batch needs it."""
+    folder = Path(image_folder) if image_folder else Path(path).parent
+    rows, skipped, image_problems = [], collections.defaultdict(list), {}
+    for position, raw in enumerate(read_rows(path)):
+        row, reason = parse_row(raw, position, folder, open_end)
+        if row is not None and check_images:
+            for p in row.images:
+                if p not in image_problems:
+                    image_problems[p] = _image_problem(p)
+            reason = next((image_problems[p] for p in row.images if image_problems[p]), None)
+        if reason:
+            skipped[reason].append(id_of(raw, position))
+        else:
+            rows.append(row)
+    return rows, dict(skipped)
+
+
+def _image_problem(path):
+    try:
+        load_image(path)
+    except ImageError as e:
+        return MISSING_IMAGE if e.reason == "no such file" else UNREADABLE_IMAGE
+    return None
+
+
+def drop_rows(rows, skipped, reason, keep):
+    """The rows for which keep(row) holds; the ids of the others are added to skipped[reason]."""
+    dropped = [r.id for r in rows if not keep(r)]
+    if dropped:
+        skipped.setdefault(reason, []).extend(dropped)
+    return [r for r in rows if keep(r)]
+
+
+def report_rows(n_usable, skipped, max_ids=5):
+    """How a data file was read, in one line: rows usable, rows skipped per reason with their
+    first few ids."""
+    n_skipped = sum(len(ids) for ids in skipped.values())
+    line = f"{n_usable:,} of {n_usable + n_skipped:,} rows usable"
+    if n_skipped:
+        parts = [f"{reason} {len(ids):,} (ids {', '.join(map(str, ids[:max_ids]))}{', ...' if len(ids) > max_ids else ''})"
+                 for reason, ids in skipped.items()]
+        line += f"; skipped {n_skipped:,}: " + "; ".join(parts)
+    return line
+
+
+def llava_row(row_id, images, messages):
+    """A row in LLaVA's format from chat messages (the inverse of parse_row): `image` is one
+    path, a list of paths, or absent for a text-only conversation."""
+    row = {"id": row_id}
+    if images:
+        row["image"] = images[0] if len(images) == 1 else list(images)
+    row["conversations"] = [{"from": SPEAKERS[m["role"]], "value": m["content"]} for m in messages]
+    return row
+
+
+def save_llava(path, rows):
+    """Write rows as a JSON list (or one object per line for a .jsonl path)."""
+    with open(path, "w", encoding="utf-8") as f:
+        if str(path).endswith(".jsonl"):
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        else:
+            json.dump(rows, f, indent=1, ensure_ascii=False)
 
 
 # ----------------------------------------------------------------------------- collator

@@ -23,7 +23,7 @@ Every figure is measured on the shapes world's *test* split with greedy decoding
 import random
 import re
 import string
-from collections import Counter
+from collections import Counter, defaultdict
 
 import torch
 
@@ -93,20 +93,29 @@ def caption_correct(text, scene):
 # -----------------------------------------------------------------------------
 # batched answering with the VLM
 
+def prompt_inputs(model, tok, messages, pictures, image_size):
+    """A generation prompt's ids and its pictures' views (V, 3, S, S) in marker order (None
+    without pictures): one view per picture, or the global view and tiles of each when the
+    model was trained with tiling (data.image_input)."""
+    inputs = [data.image_input(tok, p, image_size, model.num_image_tokens, model.cfg.tile_grids) for p in pictures]
+    ids = data.encode_prompt(tok, messages, [block for _, block in inputs])
+    return ids, torch.cat([views for views, _ in inputs]) if inputs else None
+
+
 @torch.no_grad()
 def answer_batch(model, tok, images, conversations, image_size, device, max_new_tokens=24, **sampling):
     """Continue each conversation (a list of chat messages whose last one is the user's)
-    about its image (a PIL image, or a list of them for a conversation with several), in one
-    left-padded batch; tiled when the model was trained so. Greedy unless `sampling` sets a
-    temperature."""
+    about its images, in one left-padded batch; tiled when the model was trained so. Greedy
+    unless `sampling` sets a temperature. images: one PIL image per conversation, or a list
+    per conversation (one image for each of its <image> markers, in order; empty for a
+    text-only one)."""
     samples = []
     for image, messages in zip(images, conversations):
-        inputs = [data.image_input(tok, img, image_size, model.num_image_tokens, model.cfg.tile_grids)
-                  for img in (image if isinstance(image, list) else [image])]
-        ids = data.encode_prompt(tok, messages, [block for _, block in inputs])
-        samples.append({"input_ids": ids, "images": torch.cat([views for views, _ in inputs])})
+        ids, pixels = prompt_inputs(model, tok, messages, image if isinstance(image, list) else [image], image_size)
+        samples.append({"input_ids": ids, "images": pixels})
     batch = data.collate(samples, tok.pad_id, side="left")
-    out = model.generate(batch["input_ids"].to(device), batch["images"].to(device),
+    images = batch["images"].to(device) if batch["images"] is not None else None
+    out = model.generate(batch["input_ids"].to(device), images,
                          batch["attention_mask"].to(device), max_new_tokens=max_new_tokens,
                          stop_id=tok.im_end_id, **sampling)
     return [tok.decode(ids).strip() for ids in out]
@@ -149,9 +158,9 @@ def test_scene(cfg, index, n_objects=None):
     return shapes.make_scene("test", index, world_config(cfg), n_objects=n_objects)
 
 
-def evaluate_vqa(model, tok, cfg, device):
-    """VQA accuracy per type on eval_questions test questions spread evenly over the types,
-    and grounding accuracy on eval_grounding box questions. Each test scene gives one
+def vqa_items(cfg):
+    """The VQA test set: [(scene, type, question, answer)], eval_questions questions spread
+    evenly over the types, and eval_grounding box questions. Each test scene gives one
     question, of the type with the fewest so far among those the scene allows (a
     one-object scene has no relation question, so a one-object world scores none). A
     focused run (--question_types) is scored on its own types only."""
@@ -160,7 +169,7 @@ def evaluate_vqa(model, tok, cfg, device):
     quota = {t: cfg.eval_questions // len(vqa_types) + (k < cfg.eval_questions % len(vqa_types))
              for k, t in enumerate(vqa_types)}
     quota["grounding"] = cfg.eval_grounding if "grounding" in asked else 0
-    items, types, answers = [], [], []
+    items, types = [], []
     for index in range(50 * sum(quota.values())):  # bounded: a world may lack a type altogether
         if len(items) == sum(quota.values()):
             break
@@ -168,18 +177,25 @@ def evaluate_vqa(model, tok, cfg, device):
         wanted = [(t, q, a) for t, q, a in shapes.questions(scene, rng) if types.count(t) < quota.get(t, 0)]
         if wanted:
             t, q, a = min(wanted, key=lambda tqa: types.count(tqa[0]))
-            items.append((scene, q))
+            items.append((scene, t, q, a))
             types.append(t)
-            answers.append(a)
-    predictions = answer_all(model, tok, items, cfg, device)
+    return items
+
+
+def evaluate_vqa(model, tok, cfg, device):
+    """VQA accuracy per type on the vqa_items test set (exact match after normalize_answer),
+    and grounding accuracy on its box questions (IoU >= 0.5)."""
+    vqa_types = [t for t in shapes.QUESTION_TYPES if t != "grounding"]
+    test_set = vqa_items(cfg)
+    predictions = answer_all(model, tok, [(scene, q) for scene, _, q, _ in test_set], cfg, device)
     metrics, right = {}, Counter()
-    for t, p, a in zip(types, predictions, answers):
+    for (_, t, _, a), p in zip(test_set, predictions):
         if t == "grounding":
             box = shapes.text_to_box(p, cfg.image_size)
             right[t] += box is not None and iou(box, shapes.text_to_box(a, cfg.image_size)) >= 0.5
         else:
             right[t] += normalize_answer(p) == normalize_answer(a)
-    counts = Counter(types)
+    counts = Counter(t for _, t, _, _ in test_set)
     for t in counts:
         key = "grounding_acc" if t == "grounding" else f"vqa_acc_{t}"
         metrics[key] = right[t] / counts[t]
@@ -247,12 +263,68 @@ def evaluate_vlm(stage, model, tok, cfg, device):
 
 
 # -----------------------------------------------------------------------------
+# your own data: rows of a LLaVA file (data.Row), answered and scored by exact match
+
+def split_question(row):
+    """(the conversation up to its last user turn, the reference answer or None): the last
+    human turn is the question, the turns before it its history, and a gpt turn after it
+    the answer it is scored against."""
+    if row.messages[-1]["role"] == "assistant":
+        return row.messages[:-1], row.messages[-1]["content"]
+    return row.messages, None
+
+
+def prompt_fits(model, tok, messages, max_seq_len, max_new_tokens):
+    """Whether the prompt and max_new_tokens fit in the context (VLM.generate's own limit)."""
+    at_most = data.image_tokens_at_most(tok, model.num_image_tokens, model.cfg.tile_grids)
+    return len(data.encode_prompt(tok, messages, at_most)) + max_new_tokens - 1 <= max_seq_len
+
+
+def answer_rows(model, tok, rows, image_size, device, batch_size, max_new_tokens=24, progress=None):
+    """Answer the last question of every row, with its earlier turns as history and its
+    images read from disk, batch_size rows at a time, greedily. progress(n_done) after each batch."""
+    answers = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        answers += answer_batch(model, tok, [[data.load_image(p) for p in r.images] for r in chunk],
+                                [split_question(r)[0] for r in chunk], image_size, device, max_new_tokens)
+        if progress is not None:
+            progress(len(answers))
+    return answers
+
+
+def exact_match(predictions, references):
+    """Exact-match accuracy after normalize_answer, overall and per (normalised) reference
+    answer, the commonest answer first: {"exact_match", "n", "per_answer": {answer: {...}}}."""
+    right = defaultdict(list)
+    for p, r in zip(predictions, references, strict=True):
+        right[normalize_answer(r)].append(normalize_answer(p) == normalize_answer(r))
+    n = sum(len(v) for v in right.values())
+    per_answer = {a: {"exact_match": sum(v) / len(v), "n": len(v)}
+                  for a, v in sorted(right.items(), key=lambda av: (-len(av[1]), av[0]))}
+    return {"exact_match": sum(sum(v) for v in right.values()) / max(1, n), "n": n, "per_answer": per_answer}
+
+
+# -----------------------------------------------------------------------------
 # CLIP
 
 @torch.no_grad()
+def embed_images(model, images, cfg, device):
+    pixels = torch.stack([data.preprocess(image, cfg.image_size) for image in images]).to(device)  # (n, 3, S, S)
+    return torch.cat([model.encode_image(chunk) for chunk in pixels.split(256)])                   # (n, E)
+
+
 def embed_scenes(model, scenes, cfg, device):
-    images = torch.stack([data.preprocess(shapes.render(s), cfg.image_size) for s in scenes]).to(device)
-    return torch.cat([model.encode_image(chunk) for chunk in images.split(256)])
+    return embed_images(model, [shapes.render(s) for s in scenes], cfg, device)
+
+
+@torch.no_grad()
+def retrieval(model, tok, images, captions, cfg, device):
+    """Image->text R@1 and R@5, and text->image R@1, among these image-caption pairs."""
+    text_emb = model.encode_text(clip_lib.tokenize(tok, captions, cfg.context_length).to(device))  # (n, E)
+    recall = clip_lib.retrieval_recall(embed_images(model, images, cfg, device), text_emb)
+    return {"clip_retrieval_r1": recall["image_to_text_r1"], "clip_retrieval_r5": recall["image_to_text_r5"],
+            "clip_text_to_image_r1": recall["text_to_image_r1"]}
 
 
 @torch.no_grad()
@@ -275,10 +347,7 @@ def evaluate_clip(model, tok, cfg, device):
     multi = [test_scene(cfg, 300_000 + i, n_objects=random.Random(i).randint(2, cfg.max_objects))
              for i in range(cfg.eval_retrieval)]
     captions = [shapes.caption(s, random.Random(i)) for i, s in enumerate(multi)]
-    recall = clip_lib.retrieval_recall(embed_scenes(model, multi, cfg, device),
-                                       model.encode_text(clip_lib.tokenize(tok, captions, cfg.context_length).to(device)))
-    metrics.update({f"clip_retrieval_r{k}": recall[f"image_to_text_r{k}"] for k in (1, 5)})
-    metrics["clip_text_to_image_r1"] = recall["text_to_image_r1"]
+    metrics.update(retrieval(model, tok, [shapes.render(s) for s in multi], captions, cfg, device))
     metrics["clip_linear_probe_acc"] = linear_probe(model, classes, image_emb, truth, cfg, device)
     metrics["clip_temperature"] = 1 / model.scale().item()
     return metrics

@@ -112,12 +112,12 @@ def rope_cache(head_dim: int, max_seq_len: int, theta: float = 10000.0):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each channel pair (x[2i], x[2i+1]) of x (B, H, T, hd) by its angle; cos, sin (B, T, hd/2).
+    """Rotate each channel pair (x[2i], x[2i+1]) of x (B, H, T, hd) by its angle; cos, sin (B or 1, T, hd/2).
 
     Seen as complex numbers z_i = x[2i] + i·x[2i+1], this is z_i · e^{i m θ_i}, so
     <rope(q, m), rope(k, n)> depends only on m - n: attention sees relative position.
     """
-    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd/2): same angles for every head
+    cos, sin = cos[:, None], sin[:, None]  # (B or 1, 1, T, hd/2): same angles for every head
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, T, hd/2) each: real, imaginary parts
     rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, H, T, hd/2, 2)
     return rotated.flatten(-2).type_as(x)  # (B, H, T, hd)
@@ -139,6 +139,7 @@ class KVCache:
         self.k = [None] * cfg.n_layers
         self.v = [None] * cfg.n_layers
         self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, max_len)
+        self.padded = False  # True once a padding slot is cached: only then do queries need key_mask
         self.length = 0  # tokens cached so far; LanguageModel.forward advances it after all layers
 
     def update(self, layer: int, k, v):
@@ -159,27 +160,35 @@ class Attention(nn.Module):
         # one matmul for q, k and v; with GQA k and v have fewer heads than q
         self.qkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
         self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        # set keep_attention = True to keep each forward's softmax weights (B, H, T, S) in
+        # attention_weights, e.g. to see which image tokens an answer reads (notebooks/03_llava.ipynb)
+        self.keep_attention, self.attention_weights = False, None
 
     def forward(self, x, cos, sin, mask=None, kv_cache=None, layer=0):
-        cfg = self.cfg
+        H, Hkv = self.cfg.n_heads, self.cfg.n_kv_heads
         B, T, _ = x.shape
-        qkv = self.qkv(x)  # (B, T, (H + 2·Hkv)·hd)
-        kv_width = cfg.n_kv_heads * cfg.head_dim
-        q, k, v = qkv.split([cfg.n_heads * cfg.head_dim, kv_width, kv_width], dim=-1)
-        q = q.view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, hd), (B, Hkv, T, hd)
+        qkv = self.qkv(x).view(B, T, H + 2 * Hkv, -1).transpose(1, 2)  # (B, H + 2·Hkv, T, hd): q, k, v heads
+        # RoPE rotates queries and keys, never values: one call rotates both
+        qk = apply_rope(qkv[:, : H + Hkv], cos, sin)  # (B, H + Hkv, T, hd)
+        q, k = qk.split([H, Hkv], dim=1)  # (B, H, T, hd), (B, Hkv, T, hd)
+        v = qkv[:, H + Hkv :]  # (B, Hkv, T, hd)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, Hkv, S, hd)
         # GQA: query head h reads key/value head h // (H / Hkv)
-        group = cfg.n_heads // cfg.n_kv_heads
-        k = k.repeat_interleave(group, dim=1)  # (B, H, S, hd)
-        v = v.repeat_interleave(group, dim=1)  # (B, H, S, hd)
+        group = H // Hkv
+        if group > 1:
+            k = k.repeat_interleave(group, dim=1)  # (B, H, S, hd)
+            v = v.repeat_interleave(group, dim=1)  # (B, H, S, hd)
         # vit.attention: SDPA, or the explicit softmax(QKᵀ/√hd)V it is tested against. Either
-        # plain causal (no mask), or one mask that already holds causality (padding or cache)
-        y = attention(q, k, v, causal=mask is None, mask=mask, explicit=cfg.explicit_attention)  # (B, H, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim)  # (B, T, H·hd)
+        # plain causal (no mask), or one mask that already holds causality (padding or cache).
+        # A single query (a generation step) is the newest token: it sees every key, unmasked.
+        causal = mask is None and T > 1
+        if self.keep_attention:
+            y, self.attention_weights = attention(q, k, v, causal=causal, mask=mask,
+                                                  return_weights=True)  # (B, H, T, hd), (B, H, T, S)
+        else:
+            y = attention(q, k, v, causal=causal, mask=mask, explicit=self.cfg.explicit_attention)  # (B, H, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H·hd)
         return self.proj(y)  # (B, T, D)
 
 
@@ -266,7 +275,7 @@ class LanguageModel(nn.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
-        B, T, _ = x.shape
+        T = x.size(1)
         past = 0 if kv_cache is None else kv_cache.length
         if past + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {past + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
@@ -275,15 +284,19 @@ class LanguageModel(nn.Module):
             if past + T > kv_cache.max_len:
                 raise ValueError(f"KV cache holds {kv_cache.max_len} tokens, {past + T} needed")
             kv_cache.key_mask[:, past : past + T] = True if key_mask is None else key_mask
-            key_mask = kv_cache.key_mask[:, : past + T]  # (B, S)
-        if position_ids is None:
-            if key_mask is None:
-                position_ids = torch.arange(T, device=x.device).expand(B, T)  # (B, T)
-            else:
+            if key_mask is not None and not kv_cache.padded:
+                kv_cache.padded = not bool(key_mask.all())  # a host sync, only in calls that bring a mask
+            # until a pad is cached, the plain causal path is exact: no mask to build every step
+            key_mask = kv_cache.key_mask[:, : past + T] if kv_cache.padded else None  # (B, S)
+        if position_ids is None and key_mask is None:
+            # no padding: every row's tokens sit at positions past .. past+T-1, one slice of the table
+            cos, sin = self.rope_cos[None, past : past + T], self.rope_sin[None, past : past + T]  # (1, T, hd/2)
+        else:
+            if position_ids is None:
                 position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T)
-        # no padding and no cache: plain causal attention (mask None -> SDPA's is_causal)
+            cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]  # (B, T, hd/2) each
+        # no padding (none cached either): plain causal attention (mask None -> SDPA's is_causal)
         mask = None if key_mask is None else build_mask(key_mask, T)  # (B, 1, T, S)
-        cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]  # (B, T, hd/2) each
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, kv_cache, i)  # (B, T, D)
         if kv_cache is not None:
@@ -345,14 +358,15 @@ class VLM(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100)
         return logits, loss
 
-    @torch.no_grad()
-    def generate(self, input_ids, images=None, attention_mask=None, max_new_tokens=32, temperature=0.0,
-                 top_k=None, top_p=None, stop_id=None, use_cache=True, generator=None):
-        """New token ids for each row of a left-padded prompt batch, without the stop token.
+    @torch.inference_mode()  # no_grad, and no autograd bookkeeping at all: less overhead per small op
+    def stream(self, input_ids, images=None, attention_mask=None, max_new_tokens=32, temperature=0.0,
+               top_k=None, top_p=None, stop_id=None, use_cache=True, generator=None):
+        """Yield the next token of every row, (B,), one decoding step at a time: the loop that
+        generate() collects and a chat page shows as it runs. Stops after max_new_tokens
+        steps, or as soon as every row has produced stop_id at least once.
 
-        A row that has produced stop_id is finished: it keeps being fed its sampled tokens so
-        the batch stays rectangular, but nothing more is recorded for it. use_cache=False
-        recomputes the whole sequence every step (the reference the cache is tested against).
+        use_cache=False recomputes the whole sequence every step (the reference the cache is
+        tested against).
         """
         B, T = input_ids.shape
         if T + max_new_tokens - 1 > self.cfg.llm.max_seq_len:
@@ -364,10 +378,32 @@ class VLM(nn.Module):
         embeds = self.embed(input_ids, images)  # (B, T, D)
         cache = KVCache(self.cfg.llm, B, T + max_new_tokens, input_ids.device) if use_cache else None
         logits = self.llm(inputs_embeds=embeds, attention_mask=mask, kv_cache=cache)[:, -1]  # (B, V)
-        out = [[] for _ in range(B)]
-        done = [False] * B
+        stopped = torch.zeros(B, dtype=torch.bool, device=input_ids.device)  # (B,)
         for step in range(max_new_tokens):
             next_id = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+            yield next_id
+            stopped |= next_id == stop_id
+            # the last token needs no forward pass: nothing will be sampled after it
+            if stopped.all() or step == max_new_tokens - 1:
+                return
+            new = next_id[:, None]  # (B, 1)
+            if use_cache:
+                logits = self.llm(new, kv_cache=cache)[:, -1]  # (B, V): the cache knows the prompt's padding
+            else:
+                embeds = torch.cat([embeds, self.llm.tok_emb(new)], dim=1)  # (B, T+step+1, D)
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, T+step+1)
+                logits = self.llm(inputs_embeds=embeds, attention_mask=mask)[:, -1]  # (B, V)
+
+    def generate(self, input_ids, images=None, attention_mask=None, max_new_tokens=32, stop_id=None, **sampling):
+        """New token ids for each row of a left-padded prompt batch, without the stop token.
+
+        A row that has produced stop_id is finished: stream() keeps feeding it its sampled
+        tokens so the batch stays rectangular, but nothing more is recorded for it.
+        `sampling`: temperature, top_k, top_p, use_cache, generator, as for stream().
+        """
+        out = [[] for _ in range(input_ids.size(0))]
+        done = [False] * input_ids.size(0)
+        for next_id in self.stream(input_ids, images, attention_mask, max_new_tokens, stop_id=stop_id, **sampling):
             for b, t in enumerate(next_id.tolist()):
                 if done[b]:
                     continue
@@ -375,15 +411,6 @@ class VLM(nn.Module):
                     done[b] = True
                 else:
                     out[b].append(t)
-            if all(done) or step == max_new_tokens - 1:
-                break
-            new = next_id[:, None]  # (B, 1)
-            if use_cache:
-                logits = self.llm(new, attention_mask=torch.ones_like(new), kv_cache=cache)[:, -1]  # (B, V)
-            else:
-                embeds = torch.cat([embeds, self.llm.tok_emb(new)], dim=1)  # (B, T+step+1, D)
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, T+step+1)
-                logits = self.llm(inputs_embeds=embeds, attention_mask=mask)[:, -1]  # (B, V)
         return out
 
 

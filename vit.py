@@ -49,7 +49,7 @@ class ViTConfig:
         self.num_patches = self.grid_size ** 2
 
 
-def attention(q, k, v, causal=False, mask=None, explicit=False):
+def attention(q, k, v, causal=False, mask=None, explicit=False, return_weights=False):
     """Scaled dot-product attention, softmax(QK^T / sqrt(hs)) V, per head.
 
     q: (B, H, Tq, hs); k, v: (B, H, Tk, hs) -> (B, H, Tq, hs).
@@ -58,8 +58,11 @@ def attention(q, k, v, causal=False, mask=None, explicit=False):
     mask: optional bool, broadcastable to (B, H, Tq, Tk), True = may attend
         (e.g. to hide padding). A query that may attend to nothing returns NaN.
     explicit: run the textbook computation instead of F.scaled_dot_product_attention.
+    return_weights: also return the softmax weights (B, H, Tq, Tk), each row summing to 1
+        (forces the explicit path: the fused kernel never forms them). For attention maps.
     """
     Tq, Tk = q.size(-2), k.size(-2)
+    explicit = explicit or return_weights
     if not explicit and mask is None and (not causal or Tq == Tk):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, Tq, hs), fused kernel
     if causal:
@@ -72,7 +75,8 @@ def attention(q, k, v, causal=False, mask=None, explicit=False):
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))  # (B, H, Tq, Tk), exp(-inf) = 0 weight
     weights = scores.softmax(dim=-1)  # (B, H, Tq, Tk), each row sums to 1
-    return weights @ v  # (B, H, Tq, hs)
+    out = weights @ v  # (B, H, Tq, hs)
+    return (out, weights) if return_weights else out
 
 
 def init_weights(module):
@@ -123,6 +127,9 @@ class Block(nn.Module):
         hidden = int(width * mlp_ratio)
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
+        # set keep_attention = True to keep each forward's softmax weights (B, H, T, T) in
+        # attention_weights, e.g. to draw attention maps (notebooks/01_vit.ipynb)
+        self.keep_attention, self.attention_weights = False, None
 
     def forward(self, x):
         B, T, D = x.shape
@@ -130,7 +137,10 @@ class Block(nn.Module):
         q = q.view(B, T, self.heads, D // self.heads).transpose(1, 2)  # (B, H, T, hs)
         k = k.view(B, T, self.heads, D // self.heads).transpose(1, 2)  # (B, H, T, hs)
         v = v.view(B, T, self.heads, D // self.heads).transpose(1, 2)  # (B, H, T, hs)
-        y = attention(q, k, v, causal=self.causal, explicit=EXPLICIT_ATTENTION)  # (B, H, T, hs)
+        if self.keep_attention:
+            y, self.attention_weights = attention(q, k, v, causal=self.causal, return_weights=True)  # (B, H, T, hs)
+        else:
+            y = attention(q, k, v, causal=self.causal, explicit=EXPLICIT_ATTENTION)  # (B, H, T, hs)
         y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D), heads side by side again
         x = x + self.proj(y)  # (B, T, D)
         x = x + self.fc2(F.gelu(self.fc1(self.ln2(x))))  # (B, T, D)

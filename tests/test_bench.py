@@ -69,3 +69,21 @@ def test_tiny_run_reports_every_key_consistently(tmp_path):
     assert r["train_tokens_per_sample_reference"] == 12
     assert r["train_flop_multipliers_align"] == "visionx2 projectorx6 llmx4"
     assert "reference" in bench.format_report(r, (3, 6))
+
+
+def test_flops_only_counts_every_stage_without_timing_a_model():
+    """--flops_only (for presets too big to time here, like colab): each stage's FLOPs per step
+    are the count of its model as train.py builds it, times its steps; --assume_flops turns
+    them into seconds; the batch sizes and steps are the preset's."""
+    cfg = bench.parse_args(["--config=tiny", "--flops_only", "--assume_flops=1e12", "--data_batches=1"])
+    r = bench.count_flops(cfg)
+    tiny = bench.train.Config(**bench.train.PRESETS["tiny"])
+    for stage in bench.train.STAGES:
+        steps, batch = getattr(tiny, f"{stage}_steps"), getattr(tiny, f"{stage}_batch_size")
+        assert (r[f"train_steps_{stage}"], r[f"train_batch_size_{stage}"]) == (steps, batch)
+        assert r[f"train_flops_{stage}"] == steps * r[f"train_flops_per_step_{stage}"] > 0
+        assert math.isclose(r[f"train_step_seconds_{stage}"], r[f"train_flops_per_step_{stage}"] / 1e12)
+        assert r[f"data_scenes_per_s_{stage}"] > 0
+    # a CLIP sample: 8x8 patches + CLS through the ViT, the padded caption through the text tower
+    assert r["train_tokens_per_sample_clip"] == (tiny.image_size // tiny.patch_size) ** 2 + 1 + tiny.context_length
+    assert "PFLOP" in bench.format_flops(r)

@@ -1,6 +1,7 @@
 """Tests for data.py: BPE training against hand-computed merges and a naive reference,
 tokenizer round trips and checkpoint state, the chat template against hand-built id
-sequences, image modes/sizes/errors against known colours, and the collator's padding.
+sequences, image modes/sizes/errors against known colours, the collator's padding, and
+LLaVA files: JSON and JSONL alike, every kind of bad row under its reason, malformed JSON.
 Run: python -m pytest -q tests/test_data.py"""
 import collections
 import io
@@ -351,6 +352,18 @@ def test_load_image_refusals(tmp_path, monkeypatch):
     assert_refused(tmp_path / "big.png", "decompression-bomb")
 
 
+def test_image_from_bytes_refuses_and_accepts_what_load_image_does(tmp_path):
+    """An upload held in memory goes through the same checks and conversion as a file."""
+    rng = np.random.default_rng(0)
+    rgba = Image.fromarray(rng.integers(0, 256, (6, 9, 4), dtype=np.uint8), "RGBA")
+    rgba.save(tmp_path / "a.png")
+    raw = (tmp_path / "a.png").read_bytes()
+    assert np.array_equal(np.asarray(data.image_from_bytes(raw, "upload")), np.asarray(data.load_image(tmp_path / "a.png")))
+    for bad, reason in [(b"", "empty"), (b"not an image", "not an image"), (raw[:len(raw) // 2], "truncated")]:
+        with pytest.raises(data.ImageError, match=f"^upload: .*{reason}"):
+            data.image_from_bytes(bad, "upload")
+
+
 def test_load_image_accepts_modes_and_takes_first_frame(tmp_path):
     palette_image("P", RED, alpha=0).save(tmp_path / "clear.png")
     assert data.load_image(tmp_path / "clear.png").getpixel((0, 0)) == WHITE
@@ -464,3 +477,151 @@ def test_collate_without_labels_or_images_and_errors():
         data.collate([{"input_ids": [1], "labels": [1, 2]}], pad_id=0)
     with pytest.raises(ValueError):
         data.collate([{"input_ids": [1]}], pad_id=0, side="middle")
+
+
+# ----------------------------------------------------------------------------- your own data (LLaVA JSON)
+
+
+def turn(speaker, value):
+    return {"from": speaker, "value": value}
+
+
+def qa(question, answer, image=True):
+    return [turn("human", f"<image>\n{question}" if image else question), turn("gpt", answer)]
+
+
+def write_json(path, rows):
+    path.write_text(__import__("json").dumps(rows))
+    return path
+
+
+def test_json_and_jsonl_give_the_same_rows_and_paths_resolve(mixed_images, tmp_path):
+    """A JSON list and the same rows as JSONL load alike; `image` is one path or a list;
+    relative paths resolve under --image_folder (default: the file's own folder), absolute
+    ones stay; a row without an id gets its position; turns become chat messages."""
+    folder, names = mixed_images
+    raw = [{"id": "a", "image": names[0], "conversations": qa("What is it?", "red")},
+           {"image": [names[1], str(folder / names[2])],
+            "conversations": qa("First?", "one") + [turn("human", "<image>\nSecond?"), turn("gpt", "two")]},
+           {"id": 7, "conversations": qa("Text only?", "yes", image=False)}]
+    as_json = write_json(tmp_path / "rows.json", raw)
+    as_jsonl = tmp_path / "rows.jsonl"
+    as_jsonl.write_text("\n".join(__import__("json").dumps(r) for r in raw) + "\n\n")   # blank lines are fine
+    rows, skipped = data.load_llava(as_json, folder)
+    assert skipped == {} and data.load_llava(as_jsonl, folder) == (rows, {})
+    assert [r.id for r in rows] == ["a", 1, 7]
+    assert rows[0].images == [folder / names[0]] and rows[1].images == [folder / names[1], folder / names[2]]
+    assert rows[2].images == []
+    assert rows[1].messages == [{"role": "user", "content": "<image>\nFirst?"}, {"role": "assistant", "content": "one"},
+                                {"role": "user", "content": "<image>\nSecond?"}, {"role": "assistant", "content": "two"}]
+    # default image folder: the data file's own folder
+    beside = write_json(folder / "beside.json", raw[:1])
+    assert data.load_llava(beside)[0][0].images == [folder / names[0]]
+
+
+def test_every_image_format_and_mode_in_a_row_is_usable(mixed_images):
+    folder, names = mixed_images
+    rows, skipped = data.load_llava(write_json(folder / "all.json", [
+        {"id": n, "image": n, "conversations": qa("What is it?", "a picture")} for n in names]))
+    assert skipped == {} and [r.id for r in rows] == names
+    for row in rows:
+        img = data.load_image(row.images[0])
+        assert img.mode == "RGB" and img.size == Image.open(row.images[0]).size
+    assert data.load_image(folder / "first_frame.gif").getpixel((0, 0)) == (30, 30, 200)   # frame 0, not the black one
+
+
+def broken_rows(folder, good_image):
+    """{id: row} of one row per reason a row is refused, with the reason expected."""
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "png")
+    (folder / "cut.png").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+    ok = qa("What is it?", "a shape")
+    return [
+        ("not_an_object", ["a", "list"], data.MALFORMED),
+        ("no_conversations", {"id": "no_conversations", "image": good_image}, data.MALFORMED),
+        ("value_not_text", {"id": "value_not_text", "conversations": [turn("human", 3), turn("gpt", "x")]}, data.MALFORMED),
+        ("image_not_a_path", {"id": "image_not_a_path", "image": {"a": 1}, "conversations": ok}, data.MALFORMED),
+        ("no_turns", {"id": "no_turns", "image": good_image, "conversations": []}, data.EMPTY_TURN),
+        ("empty_answer", {"id": "empty_answer", "image": good_image, "conversations": qa("Q?", "  ")}, data.EMPTY_TURN),
+        ("gpt_first", {"id": "gpt_first", "image": good_image, "conversations": ok[::-1]}, data.NOT_ALTERNATING),
+        ("two_humans", {"id": "two_humans", "image": good_image,
+                        "conversations": [ok[0], turn("human", "again?"), ok[1]]}, data.NOT_ALTERNATING),
+        ("ends_with_question", {"id": "ends_with_question", "image": good_image,
+                                "conversations": ok + [turn("human", "And?")]}, data.NOT_ALTERNATING),
+        ("unknown_speaker", {"id": "unknown_speaker", "image": good_image,
+                             "conversations": [ok[0], turn("system", "x")]}, data.NOT_ALTERNATING),
+        ("no_marker", {"id": "no_marker", "image": good_image, "conversations": qa("Q?", "A", image=False)},
+         data.MARKER_COUNT),
+        ("two_markers_one_image", {"id": "two_markers_one_image", "image": [good_image],
+                                   "conversations": [turn("human", "<image><image>\nQ?"), turn("gpt", "A")]},
+         data.MARKER_COUNT),
+        ("missing", {"id": "missing", "image": "nowhere.png", "conversations": ok}, data.MISSING_IMAGE),
+        ("corrupt", {"id": "corrupt", "image": "corrupt.png", "conversations": ok}, data.UNREADABLE_IMAGE),
+        ("truncated", {"id": "truncated", "image": ["cut.png"], "conversations": ok}, data.UNREADABLE_IMAGE),
+    ]
+
+
+def test_every_kind_of_bad_row_is_skipped_and_reported_by_reason(mixed_images):
+    """One bad row of every kind between good rows: the good rows load in order, each bad
+    one is counted under its own reason (the first check it fails), and one line reports it."""
+    folder, names = mixed_images
+    bad = broken_rows(folder, names[0])
+    good = [{"id": f"good{k}", "image": names[k], "conversations": qa("What is it?", "a shape")} for k in range(3)]
+    rows, skipped = data.load_llava(write_json(folder / "mixed.json", good[:1] + [r for _, r, _ in bad] + good[1:]))
+    assert [r.id for r in rows] == ["good0", "good1", "good2"]
+    expected = collections.defaultdict(list)
+    for position, (row_id, _, reason) in enumerate(bad, start=1):
+        expected[reason].append(position if row_id == "not_an_object" else row_id)
+    assert skipped == dict(expected)
+    report = data.report_rows(len(rows), skipped, max_ids=2)
+    assert report.startswith(f"3 of {3 + len(bad)} rows usable; skipped {len(bad)}: ")
+    assert "\n" not in report
+    assert f"{data.MALFORMED} 4 (ids 1, no_conversations, ...)" in report
+    assert f"{data.MISSING_IMAGE} 1 (ids missing)" in report
+    # a question file may end with the question (open_end): that row is then usable
+    open_rows, open_skipped = data.load_llava(folder / "mixed.json", open_end=True)
+    assert "ends_with_question" in [r.id for r in open_rows] and "ends_with_question" not in sum(open_skipped.values(), [])
+
+
+def test_malformed_json_is_one_line_naming_file_line_and_column(tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text('[\n {"id": 1, "conversations": []},\n {"id": 2 "conversations": []}\n]')
+    with pytest.raises(data.DataError, match=r"broken\.json: line 3, column 11: invalid JSON \(Expecting ','"):
+        data.load_llava(broken)
+    lines = tmp_path / "broken.jsonl"
+    lines.write_text('{"id": 1, "conversations": []}\n\n{"id": 2, "conversations": [}\n')
+    with pytest.raises(data.DataError, match=r"broken\.jsonl: line 3, column 29: invalid JSON"):
+        data.load_llava(lines)
+    one_object = write_json(tmp_path / "object.json", {"id": 1, "conversations": []})
+    with pytest.raises(data.DataError, match="expected a JSON list of rows .* found a JSON dict"):
+        data.load_llava(one_object)
+    (tmp_path / "latin1.json").write_bytes('[{"id": "caf\xe9"}]'.encode("latin-1"))
+    with pytest.raises(data.DataError, match="not UTF-8"):
+        data.load_llava(tmp_path / "latin1.json")
+    with pytest.raises(data.DataError, match="no such file"):
+        data.load_llava(tmp_path / "absent.json")
+    assert issubclass(data.ImageError, data.DataError)   # one except clause catches both
+
+
+def test_llava_row_and_save_round_trip(tmp_path):
+    """What the export writes (llava_row + save_llava) reads back as the same messages."""
+    messages = [{"role": "user", "content": "<image>\nA?"}, {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "<image> and c?"}, {"role": "assistant", "content": "d"}]
+    text_only = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    Image.new("RGB", (4, 4)).save(tmp_path / "x.png")
+    for name in ("out.json", "out.jsonl"):
+        data.save_llava(tmp_path / name, [data.llava_row("r1", ["x.png", "x.png"], messages),
+                                          data.llava_row("r2", [], text_only)])
+        rows, skipped = data.load_llava(tmp_path / name)
+        assert skipped == {} and [r.id for r in rows] == ["r1", "r2"]
+        assert rows[0].messages == messages and rows[0].images == [tmp_path / "x.png"] * 2
+        assert rows[1].messages == text_only and rows[1].images == []
+    assert "image" not in data.llava_row("r", [], messages) and data.llava_row("r", ["a"], messages)["image"] == "a"
+
+
+def test_without_images_and_count_images():
+    messages = [{"role": "user", "content": "<image>\nA <image> b?"}, {"role": "assistant", "content": "<image>"}]
+    assert data.count_images(messages) == 2      # markers in an answer are text, not images
+    assert data.without_images(messages) == [{"role": "user", "content": "A  b?"}, messages[1]]
+    assert messages[0]["content"] == "<image>\nA <image> b?"   # the input is not changed

@@ -37,6 +37,18 @@ def test_normalize_answer(text, expected):
     assert normalize_answer(text) == expected
 
 
+def test_exact_match_overall_and_per_reference_answer():
+    """Worked by hand: 'yes' is right 2 of 3 times (case and a full stop do not matter),
+    'red' 0 of 1, 'a circle' 1 of 1 (the article does not matter); 3 of 5 overall."""
+    scores = evaluate.exact_match(["Yes.", "yes", "no", "blue", "circle"], ["yes", "YES", "yes", "red", "a circle"])
+    assert scores == {"exact_match": 3 / 5, "n": 5, "per_answer": {"yes": {"exact_match": 2 / 3, "n": 3},
+                                                                  "circle": {"exact_match": 1.0, "n": 1},
+                                                                  "red": {"exact_match": 0.0, "n": 1}}}
+    assert list(scores["per_answer"]) == ["yes", "circle", "red"]   # commonest first, then alphabetical
+    with pytest.raises(ValueError):
+        evaluate.exact_match(["one"], ["one", "two"])               # a missing answer is an error, not a skip
+
+
 # ----------------------------------------------------------------------------- iou
 
 

@@ -2,39 +2,20 @@
 check the plumbing (loading from the checkpoint's own config, images from disk, chat
 history, error handling); whether answers are right is train.py's and evaluate.py's test."""
 
-import random
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 import evaluate
 import generate
 import shapes
 import train
-from model import VLM
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """An instruct.pt written the way train.py writes it, for a tiny config that differs
-    from the defaults (so loading must use the checkpoint's config, not Config())."""
-    out = tmp_path_factory.mktemp("gen")
-    cfg = train.parse_flags(train.Config, ["--config=tiny", "--out_dir", str(out), "--llm_dim=48",
-                                           "--llm_ffn_hidden=128"], train.PRESETS)
-    tok = train.get_tokenizer(cfg)
-    torch.manual_seed(0)
-    model = VLM(train.vlm_config(cfg, tok))
-    for p in model.llm.parameters():  # larger weights: varied tokens instead of one repeated id
-        p.data.normal_(0, 0.3)
-    train.save_checkpoint(str(out / "instruct.pt"), {"stage": "instruct", "config": vars(cfg).copy(),
-                                                     "model": model.state_dict(), "tokenizer": tok.state()})
-    return out
 
 
 def run(*args, stdin=""):
@@ -114,3 +95,70 @@ def test_a_checkpoint_without_a_vlm_is_refused(ckpt, tmp_path):
     train.save_checkpoint(str(tmp_path / "lm.pt"), lm)
     with pytest.raises(train.ConfigError, match="holds no VLM"):
         generate.load_vlm(str(tmp_path / "lm.pt"))
+
+
+# ----------------------------------------------------------------------------- --questions: batch evaluation
+
+
+def test_questions_file_gives_the_answer_file_and_the_scores(ckpt, tmp_path):
+    """--questions answers every usable row (last human turn = question, earlier turns =
+    history, images in <image> order), each answer equal to asking that conversation alone;
+    the answer file has exactly question_id / prompt / text per question; rows with a
+    reference are scored by exact match after normalisation, overall and per answer."""
+    model, tok, cfg = generate.load_vlm(str(ckpt / "instruct.pt"))
+    images = {}
+    for i in range(3):
+        images[f"s{i}.png"] = shapes.render(shapes.make_scene("test", i, shapes.WorldConfig()))
+        images[f"s{i}.png"].save(tmp_path / f"s{i}.png")
+    q = lambda text, image=True: {"from": "human", "value": f"<image>\n{text}" if image else text}
+    a = lambda text: {"from": "gpt", "value": text}
+    rows = [{"id": 10, "image": "s0.png", "conversations": [q("What colour is the circle?"), a("REF")]},
+            {"id": "history", "image": "s1.png", "conversations": [q("How many shapes?"), a("two"), q("Which is larger?", False), a("REF")]},
+            {"id": "no_reference", "image": "s2.png", "conversations": [q("Is there a ring?")]},
+            {"id": "broken", "image": "missing.png", "conversations": [q("Anything?"), a("no")]},
+            {"id": "two_images", "image": ["s2.png", "s0.png"],
+             "conversations": [q("First?"), a("one"), q("And this one?"), a("REF")]},
+            {"id": "wrong", "image": "s1.png", "conversations": [q("What shape is at the top?"), a("zzz")]}]
+    usable = [r for r in rows if r["id"] != "broken"]
+    expected = []
+    for row in usable:   # each conversation asked alone, in memory, through evaluate.answer_batch
+        paths = [row["image"]] if isinstance(row["image"], str) else row["image"]
+        turns = row["conversations"] if row["conversations"][-1]["from"] == "human" else row["conversations"][:-1]
+        messages = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]} for t in turns]
+        expected.append(evaluate.answer_batch(model, tok, [[images[p] for p in paths]], [messages], cfg.image_size, "cpu", 6)[0])
+    # a reference the normalisation must match (article, case, punctuation) for three rows; "zzz" never matches
+    for row, answer in zip(usable, expected):
+        if row["conversations"][-1]["value"] == "REF":
+            row["conversations"][-1]["value"] = f"The {answer.upper()} !"
+    (tmp_path / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    answers = tmp_path / "out" / "answers.jsonl"
+    answers.parent.mkdir()
+    result = run("--questions", str(tmp_path / "questions.jsonl"), "--answers", str(answers), "--out_dir", str(ckpt),
+                 "--max_new_tokens=6", "--batch_size=2")
+    assert result.returncode == 0, result.stderr
+    assert "5 of 6 rows usable; skipped 1: missing image 1 (ids broken)" in result.stdout
+    assert "answered 2/5" in result.stdout and "answered 5/5" in result.stdout
+    lines = [json.loads(line) for line in answers.read_text().splitlines()]
+    prompts = ["What colour is the circle?", "Which is larger?", "Is there a ring?", "And this one?", "What shape is at the top?"]
+    assert lines == [{"question_id": r["id"], "prompt": p, "text": e} for r, p, e in zip(usable, prompts, expected)]
+    assert all(list(line) == ["question_id", "prompt", "text"] for line in lines)
+    scores = json.loads((tmp_path / "out" / "answers.scores.json").read_text())
+    right = [evaluate.normalize_answer(e) == evaluate.normalize_answer(r["conversations"][-1]["value"])
+             for r, e in zip(usable, expected) if r["conversations"][-1]["from"] == "gpt"]
+    assert len(right) == 4 and scores["n"] == 4 and scores["exact_match"] == sum(right) / 4
+    assert right == [True, True, True, False]   # the references built to match do; "zzz" does not
+    assert scores["per_answer"]["zzz"] == {"exact_match": 0.0, "n": 1}
+    assert f"exact match {100 * sum(right) / 4:.1f} % of 4 questions" in result.stdout
+
+
+@pytest.mark.parametrize("content, message", [
+    ('[{"id": 1,}]', "line 1, column 11: invalid JSON"),
+    ('[{"id": 1, "image": "gone.png", "conversations": [{"from": "human", "value": "<image>\\nQ?"}]}]',
+     "no question can be answered (0 of 1 rows usable; skipped 1: missing image 1 (ids 1))"),
+])
+def test_questions_file_mistakes_are_one_line_and_exit_2(ckpt, tmp_path, content, message):
+    (tmp_path / "q.json").write_text(content)
+    result = run("--questions", str(tmp_path / "q.json"), "--answers", str(tmp_path / "a.jsonl"), "--out_dir", str(ckpt))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and result.stderr.startswith("error:")
+    assert message in result.stderr, result.stderr
+    assert not (tmp_path / "a.jsonl").exists()

@@ -130,15 +130,39 @@ def test_padded_batch_equals_rows_alone():
             torch.testing.assert_close(logits[b, span], alone[b], atol=1e-5, rtol=1e-5)
 
 
-def test_kv_cache_prefill_then_steps_equals_full_forward():
+@pytest.mark.parametrize("explicit", [False, True])
+def test_kv_cache_prefill_then_steps_equals_full_forward(explicit):
     torch.manual_seed(0)
-    lm = LanguageModel(tiny_llm())
+    lm = LanguageModel(tiny_llm(explicit_attention=explicit))
     ids = torch.randint(0, 40, (2, 10))
     full = lm(ids)
     cache = KVCache(lm.cfg, batch_size=2, max_len=10)
-    parts = [lm(ids[:, :6], kv_cache=cache)] + [lm(ids[:, t : t + 1], kv_cache=cache) for t in range(6, 10)]
-    assert cache.length == 10
+    # a prefill, a 3-token chunk after it (causal, aligned to the end of the keys), then single tokens
+    parts = [lm(ids[:, :4], kv_cache=cache), lm(ids[:, 4:7], kv_cache=cache)]
+    parts += [lm(ids[:, t : t + 1], kv_cache=cache) for t in range(7, 10)]
+    assert cache.length == 10 and not cache.padded  # no padding: the steps run without any mask
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_remembers_left_padding_of_the_prompt():
+    torch.manual_seed(0)
+    lm = LanguageModel(tiny_llm())
+    ids = torch.randint(0, 40, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0  # row 1: three pads on the left
+    full = lm(ids, attention_mask=mask)
+    cache = KVCache(lm.cfg, batch_size=2, max_len=9)
+    parts = [lm(ids[:, :6], attention_mask=mask[:, :6], kv_cache=cache)]
+    assert cache.padded
+    # the steps bring no mask: the cache knows which of its slots are pads
+    parts += [lm(ids[:, t : t + 1], kv_cache=cache) for t in range(6, 9)]
+    got = torch.cat(parts, dim=1)
+    torch.testing.assert_close(got[1, 3:], full[1, 3:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[0], full[0], atol=1e-5, rtol=1e-5)
+    # an all-ones mask is no padding: the cache stays on the unmasked path
+    cache = KVCache(lm.cfg, batch_size=2, max_len=9)
+    lm(ids, attention_mask=torch.ones_like(ids), kv_cache=cache)
+    assert not cache.padded
 
 
 def left_padded_prompts(vlm, gen):
@@ -182,6 +206,25 @@ def test_generate_with_and_without_cache_gives_the_same_tokens():
     stopped = vlm.generate(ids, stop_id=stop, **dict(kw, temperature=0.0, top_k=None))
     for got, full in zip(stopped, cached):
         assert got == (full[: full.index(stop)] if stop in full else full)
+
+
+def test_stream_yields_every_step_and_ends_once_every_row_has_stopped():
+    """VLM.stream is the decoding loop generate() collects: one (B,) tensor per step, the same
+    tokens whether or not a stop id is given, and no step after every row has met it."""
+    torch.manual_seed(0)
+    vlm = tiny_vlm().eval()
+    for p in vlm.llm.parameters():  # large weights: varied tokens (see the test above)
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.5)
+    ids, mask, _ = left_padded_prompts(vlm, torch.Generator().manual_seed(1))
+    images = torch.randn(2, 3, 16, 16)
+    free = torch.stack(list(vlm.stream(ids, images, mask, max_new_tokens=12)))  # (steps, B)
+    assert free.shape == (12, 2)
+    stop = int(free[4, 0])
+    stopped = torch.stack(list(vlm.stream(ids, images, mask, max_new_tokens=12, stop_id=stop)))  # (steps, B)
+    first_stop = [row.tolist().index(stop) if stop in row.tolist() else 11 for row in free.T]
+    assert len(stopped) == max(first_stop) + 1 and len(stopped) <= 12
+    assert torch.equal(stopped, free[:len(stopped)])
 
 
 def test_text_only_generation_and_max_seq_len_check():
@@ -230,6 +273,25 @@ def test_visual_tokens_land_on_image_slots(projector):
     torch.testing.assert_close(embeds[1, 5 : 5 + n], visual[2])
     text = ids != IMG
     torch.testing.assert_close(embeds[text], vlm.llm.tok_emb.weight[ids[text]])
+
+
+def test_kept_attention_weights_are_causal_hide_padding_and_leave_logits_alone():
+    torch.manual_seed(0)
+    vlm = tiny_vlm().eval()
+    ids = torch.randint(4, 40, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :3] = 0  # row 1 is left-padded by three tokens
+    plain, _ = vlm(ids, attention_mask=mask)
+    for block in vlm.llm.blocks:
+        block.attn.keep_attention = True
+    kept, _ = vlm(ids, attention_mask=mask)
+    torch.testing.assert_close(kept, plain, atol=1e-5, rtol=1e-5)
+    for block in vlm.llm.blocks:
+        w = block.attn.attention_weights  # (B, H, T, S)
+        assert w.shape == (2, 4, 10, 10)
+        torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 10))
+        assert (w.triu(1) == 0).all()  # no token reads a later one
+        assert (w[1, :, 3:, :3] == 0).all()  # real tokens never read the padding
 
 
 def test_image_slot_count_mismatch_raises():

@@ -66,6 +66,35 @@ def test_causal_attention_with_cache_matches_full():
     torch.testing.assert_close(attention(q, k2, v2, causal=True)[:, :, :4], full[:, :, :4])
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_returned_weights_are_the_softmax_that_mixes_v(causal):
+    """return_weights gives softmax(QK^T/sqrt(hs)) computed here by hand, masked keys get
+    exactly 0, and those weights times V are the (unchanged) output."""
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 6, 8) for _ in range(3))
+    mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    mask[0, ..., 4:] = False  # row 0: the last two keys are padding
+    out, weights = attention(q, k, v, causal, mask=mask, return_weights=True)
+    assert weights.shape == (2, 3, 6, 6)
+    allowed = mask & (torch.ones(6, 6).tril().bool() if causal else True)  # (2, 1, 6, 6)
+    by_hand = torch.exp(q @ k.transpose(-2, -1) / 8 ** 0.5) * allowed  # unnormalised
+    torch.testing.assert_close(weights, by_hand / by_hand.sum(-1, keepdim=True), atol=1e-6, rtol=1e-5)
+    assert (weights[~allowed.expand_as(weights)] == 0).all()
+    torch.testing.assert_close(out, attention(q, k, v, causal, mask=mask), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, weights @ v)
+
+
+def test_block_keeps_attention_weights_without_changing_its_output():
+    torch.manual_seed(0)
+    block, x = vit.Block(width=16, heads=2), torch.randn(2, 5, 16)
+    plain = block(x)
+    assert block.attention_weights is None  # nothing kept unless asked
+    block.keep_attention = True
+    torch.testing.assert_close(block(x), plain, atol=1e-5, rtol=1e-5)
+    assert block.attention_weights.shape == (2, 2, 5, 5)
+    torch.testing.assert_close(block.attention_weights.sum(-1), torch.ones(2, 2, 5))
+
+
 def small_vit(use_cls=True):
     torch.manual_seed(0)
     return ViT(ViTConfig(image_size=16, patch_size=4, width=32, depth=3, heads=4, use_cls=use_cls)).eval()
