@@ -147,7 +147,7 @@ class ScriptedModel:
     """Stands in for the VLM in generate.stream_answer: it "samples" a fixed list of ids."""
 
     def __init__(self, model, ids):
-        self.num_image_tokens, self.ids = model.num_image_tokens, ids
+        self.num_image_tokens, self.cfg, self.ids = model.num_image_tokens, model.cfg, ids
 
     def stream(self, input_ids, images, max_new_tokens, stop_id, **sampling):
         for t in self.ids[:max_new_tokens]:
