@@ -890,6 +890,24 @@ def test_user_batches_carry_each_row_own_images_in_marker_order(user_files):
     assert "<image>" not in tok.decode(lm["input_ids"][0]) and torch.equal(lm["labels"], lm["input_ids"])
 
 
+def test_user_images_are_tiled_when_the_model_tiles(user_files):
+    """--tile_grids reaches your data too: each image of a row becomes data.image_input's views
+    (the global view and its tiles) and tagged block, in marker order."""
+    cfg, tok, user = user_data(user_files, "--holdout=0", "--tile_grids=1x2,2x1", "--max_seq_len=1024")
+    conversations = user.rows("instruct")
+    pair = next(k for k, r in enumerate(conversations) if r.id == "pair")
+    n_img = 4
+    batch = train.user_vlm_batch(cfg, tok, "instruct", conversations, [pair], n_img)
+    expected = [data.image_input(tok, data.load_image(p), cfg.image_size, n_img, ((1, 2), (2, 1)))
+                for p in conversations[pair].images]
+    assert torch.equal(batch["images"], torch.cat([views for views, _ in expected]))   # (2 x 3 views, 3, S, S)
+    ids = batch["input_ids"][0].tolist()
+    blocks = [block for _, block in expected]
+    assert ids.count(tok.global_image_id) == 2 and ids.count(tok.image_id) == 2 * 3 * n_img
+    starts = [k for k, t in enumerate(ids) if t == tok.global_image_id]
+    assert [ids[s:s + len(b)] for s, b in zip(starts, blocks)] == blocks
+
+
 def test_user_data_refusals(user_files, tmp_path):
     with pytest.raises(ConfigError, match="--holdout=9 leaves none of the 9 usable rows of .*captions.json"):
         user_data(user_files, "--holdout=9")
