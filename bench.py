@@ -401,6 +401,12 @@ def measure_generation(ref, lengths, device, autocast):
 # ----------------------------------------------------------------------------- the run
 
 
+def preset_tokenizer(cfg):
+    """The preset's tokenizer, trained as train.py trains it, and the VLM's visual tokens per image."""
+    tok = data.Tokenizer(data.train_bpe(train.world_texts(cfg), cfg.vocab_size))
+    return tok, VLM(train.vlm_config(cfg, tok)).num_image_tokens
+
+
 def run(bench, ref=None, gen_lengths=GEN_LENGTHS):
     """Every measurement; returns one flat dict (the JSON)."""
     ref = ref or Reference()
@@ -417,8 +423,7 @@ def run(bench, ref=None, gen_lengths=GEN_LENGTHS):
     # the reference trains with train.py's default optimiser settings, whatever the preset
     results.update(measure_training(reference_workload(ref, device), train.Config(device=device, data_workers=0),
                                     device, dtype, bench, peak, vendor))
-    tok = data.Tokenizer(data.train_bpe(train.world_texts(cfg), cfg.vocab_size))
-    image_tokens = VLM(train.vlm_config(cfg, tok)).num_image_tokens
+    tok, image_tokens = preset_tokenizer(cfg)
     for stage in train.STAGES:
         seconds, real = time_data(stage, cfg, tok, bench.data_batches, image_tokens)
         results[f"data_batch_seconds_{stage}"] = seconds
@@ -438,8 +443,7 @@ def count_flops(bench):
     """--flops_only: per stage of the preset, model FLOPs per step (the count above, no model
     run), the whole stage's FLOPs and scenes, and the data pipeline's rate on this machine."""
     cfg = train.Config(**train.PRESETS[bench.config])
-    tok = data.Tokenizer(data.train_bpe(train.world_texts(cfg), cfg.vocab_size))
-    image_tokens = VLM(train.vlm_config(cfg, tok)).num_image_tokens
+    tok, image_tokens = preset_tokenizer(cfg)
     results = {"config": bench.config, "assume_flops": bench.assume_flops}
     for stage in train.STAGES:
         seconds, real = time_data(stage, cfg, tok, bench.data_batches, image_tokens)

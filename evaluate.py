@@ -231,11 +231,11 @@ def evaluate_two_image(model, tok, cfg, device):
     quota = {("change", None): cfg.eval_two_image - cfg.eval_two_image // 2,
              ("more", "the first image"): cfg.eval_two_image // 4}
     quota[("more", "the second image")] = cfg.eval_two_image - sum(quota.values())
-    items, types, answers, taken = [], [], [], Counter()
-    for index in range(50 * cfg.eval_two_image):  # bounded, like evaluate_vqa
+    world, items, types, answers, taken = world_config(cfg), [], [], [], Counter()
+    for index in range(50 * cfg.eval_two_image):  # bounded, like vqa_items
         if len(items) == cfg.eval_two_image:
             break
-        first, second, qs = shapes.two_image_pair("test", 400_000 + index, world_config(cfg))
+        first, second, qs = shapes.two_image_pair("test", 400_000 + index, world)
         for t, q, a in qs:
             key = (t, a if t == "more" else None)
             if taken[key] < quota[key]:
@@ -274,10 +274,16 @@ def split_question(row):
     return row.messages, None
 
 
+def prompt_length_at_most(model, tok, messages):
+    """The prompt's length in ids before its images are opened: each image counted at its
+    largest block (with tiling, the largest allowed grid; data.image_tokens_at_most)."""
+    at_most = data.image_tokens_at_most(tok, model.num_image_tokens, model.cfg.tile_grids)
+    return len(data.encode_prompt(tok, messages, at_most))
+
+
 def prompt_fits(model, tok, messages, max_seq_len, max_new_tokens):
     """Whether the prompt and max_new_tokens fit in the context (VLM.generate's own limit)."""
-    at_most = data.image_tokens_at_most(tok, model.num_image_tokens, model.cfg.tile_grids)
-    return len(data.encode_prompt(tok, messages, at_most)) + max_new_tokens - 1 <= max_seq_len
+    return prompt_length_at_most(model, tok, messages) + max_new_tokens - 1 <= max_seq_len
 
 
 def answer_rows(model, tok, rows, image_size, device, batch_size, max_new_tokens=24, progress=None):

@@ -99,8 +99,7 @@ def load_vlm(path, device="cpu"):
 def check_length(messages, model, tok, cfg, gen):
     """A conversation that does not fit the model's context is refused with a clear message
     (never cut silently: which part to drop is the user's choice)."""
-    at_most = data.image_tokens_at_most(tok, model.num_image_tokens, model.cfg.tile_grids)  # tiled: the largest grid
-    n = len(data.encode_prompt(tok, messages, at_most))
+    n = evaluate.prompt_length_at_most(model, tok, messages)
     room = cfg.max_seq_len - gen.max_new_tokens + 1
     if n > room:
         raise train.ConfigError(f"the conversation is {n} tokens, but with --max_new_tokens={gen.max_new_tokens} "
