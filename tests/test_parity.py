@@ -369,36 +369,42 @@ def test_llm_logits_equal_llama_logits_and_need_the_rope_reordering(n_kv_heads):
 def test_greedy_decoding_equals_llama_generate_with_and_without_the_kv_cache():
     """20 greedy tokens through tinyvlm's own decoding path (VLM.generate, text only) are the
     20 tokens transformers' generate(do_sample=False) picks, with tinyvlm's KV cache on and
-    off. No end-of-sequence id is set, so neither side can stop early. At every step our
-    logits equal theirs to STEP_ATOL and the two largest differ by more than 2·STEP_ATOL, so
-    no rounding-sized error could have flipped a choice: the equal tokens are not the luck
-    of a near tie.
-    STEP_ATOL is 1e-4, not 1e-5: these weights are larger (std 0.3, so that the 20 tokens
-    vary rather than repeat one id), the logits reach about 7, and two fp32 computations of
-    the same logit in a different order (theirs one token at a time through their cache,
-    ours in one pass) differ by up to about 2e-5 here, a few parts in a million."""
+    off, for a batch of three prompts of 9, 7 and 5 tokens, left-padded (both sides hide
+    the padding with the attention mask and count positions from each row's first real
+    token). No end-of-sequence id is set, so neither side can stop early.
+    At every step our logits equal theirs to STEP_ATOL and the two largest differ by more
+    than 2·STEP_ATOL, so no rounding-sized error could have flipped a choice: the equal
+    tokens are not the luck of a near tie. STEP_ATOL is 1e-4, not 1e-5: these weights are
+    larger (std 0.3, so that the 20 tokens vary rather than repeat one id), the logits reach
+    about 7, and two fp32 computations of the same logit in a different order (theirs one
+    token at a time through their cache, ours in one pass) differ by 1e-5 to 2e-5 here,
+    a few parts in a million."""
     STEP_ATOL = 1e-4
     llm = tiny_llm(n_kv_heads=2, std=0.3)
     vision = ViTConfig(image_size=8, patch_size=4, width=8, depth=1, heads=1)  # unused: no images
     vlm = VLM(VLMConfig(vision=vision, llm=llm.cfg, image_token_id=63)).eval()
     vlm.llm.load_state_dict(llm.state_dict())
     ref = llama_like(llm)
-    prompt = torch.randint(0, 63, (2, 7), generator=torch.Generator().manual_seed(2))  # no <|image|> id
+    prompt = torch.randint(0, 63, (3, 9), generator=torch.Generator().manual_seed(8))  # no <|image|> id
+    mask = torch.ones_like(prompt)
+    mask[1, :2] = mask[2, :4] = 0  # rows of 9, 7 and 5 real tokens
+    prompt[mask == 0] = 0  # the padding id; the mask hides it
 
-    out = ref.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=20,
-                       min_new_tokens=20, output_logits=True, return_dict_in_generate=True)
-    theirs = out.sequences[:, prompt.size(1):]  # (2, 20)
-    assert theirs.shape == (2, 20)
-    step_logits = torch.stack(out.logits, dim=1)  # (2, 20, V): their logits at each step
+    out = ref.generate(prompt, attention_mask=mask, do_sample=False, max_new_tokens=20, min_new_tokens=20,
+                       pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    theirs = out.sequences[:, prompt.size(1):]  # (3, 20)
+    assert theirs.shape == (3, 20)
+    step_logits = torch.stack(out.logits, dim=1)  # (3, 20, V): their logits at each step
     top2 = step_logits.topk(2, dim=-1).values
     assert (top2[..., 0] - top2[..., 1]).min() > 2 * STEP_ATOL
     # our logits over the whole decoded sequence, read at the 20 positions that chose a token
     full = torch.cat([prompt, theirs], dim=1)
-    ours_at_steps = llm(full)[:, prompt.size(1) - 1 : -1]  # (2, 20, V)
+    full_mask = torch.cat([mask, torch.ones_like(theirs)], dim=1)
+    ours_at_steps = llm(full, attention_mask=full_mask)[:, prompt.size(1) - 1 : -1]  # (3, 20, V)
     torch.testing.assert_close(ours_at_steps, step_logits, atol=STEP_ATOL, rtol=0)
 
     for use_cache in (True, False):
-        ours = vlm.generate(prompt, max_new_tokens=20, use_cache=use_cache)
+        ours = vlm.generate(prompt, attention_mask=mask, max_new_tokens=20, use_cache=use_cache)
         assert ours == theirs.tolist(), f"use_cache={use_cache}"
     assert min(len(set(row)) for row in theirs.tolist()) >= 10  # varied tokens, not one id repeated
 
