@@ -3,7 +3,7 @@ train.py — the one entry point: CLIP pretraining, a tiny LLM, then LLaVA's two
 
     python train.py                        # all four stages, CPU default config, writes out/
     python train.py --stage clip           # one stage, from the checkpoints before it
-    python train.py --config=tiny          # the whole pipeline in about a minute
+    python train.py --config=tiny          # the whole pipeline in about half a minute
     python train.py --clip_steps=200 --device=cpu   # any config field is a flag (flags.py)
     python train.py --export=shapes_data            # the shapes world as PNG + LLaVA JSON files
     python train.py --caption_data=captions.json --instruct_data=instruct.json   # your own data (user_data.py)
