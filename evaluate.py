@@ -96,6 +96,48 @@ def caption_correct(text, scene):
     return caption_objects(text) == Counter((o.size, o.colour, o.shape) for o in scene.objects)
 
 
+CAPTION_ATTRIBUTES = ("colour", "shape", "size", "position")
+
+
+def caption_mentions(text):
+    """{region index: {"size", "colour", "shape"}} for each object the caption places in a
+    region ("a large red circle at the top left"): the size, colour and shape words just
+    before the region phrase, in that order. A missing word is None; an object named
+    without a region is not here."""
+    words = normalize_answer(text).split()
+    phrases = sorted(((normalize_answer(p).split(), k) for k, p in enumerate(shapes.REGION_PHRASES)),
+                     key=lambda pk: -len(pk[0]))  # longest first: "at the top left" before "at the top"
+    mentions, start, i = {}, 0, 0
+    while i < len(words):
+        match = next(((p, k) for p, k in phrases if words[i:i + len(p)] == p), None)
+        if match is None:
+            i += 1
+            continue
+        noun = words[start:i][-3:]  # at most "size colour shape"
+        shape = next((s for s in shapes.SHAPES if noun and noun[-1] in (s, shapes.PLURALS[s])), None)
+        colour = noun[-2] if len(noun) >= 2 and noun[-2] in shapes.COLOURS else None
+        size = noun[-3 if colour else -2] if len(noun) >= (3 if colour else 2) else None
+        mentions[match[1]] = {"shape": shape, "colour": colour, "size": size if size in shapes.SIZES else None}
+        start = i = i + len(match[0])
+    return mentions
+
+
+def caption_attribute_scores(text, scene):
+    """{attribute: objects named right}: per object of the scene, matched to the caption's
+    mention in the same grid region, whether its colour, shape and size are named right;
+    position is right when some mention sits in its region with its shape. An object the
+    caption does not place counts as wrong on every attribute."""
+    mentions, right = caption_mentions(text), Counter()
+    for obj in scene.objects:
+        said = mentions.get(obj.region)
+        if said is None:
+            continue
+        for attr in ("colour", "shape", "size"):
+            right[attr] += said[attr] == getattr(obj, attr)
+        right["position"] += said["shape"] == obj.shape
+    return right
+
+
 # -----------------------------------------------------------------------------
 # batched answering with the VLM
 
@@ -167,12 +209,23 @@ def vqa_items(cfg):
     return items
 
 
-def evaluate_vqa(model, tok, cfg, device):
+def blank(scene):
+    """The scene with its objects removed: a white canvas of the same size, the world's
+    background. What the blind baseline shows the model instead of the picture."""
+    return shapes.Scene([], scene.image_size)
+
+
+def evaluate_vqa(model, tok, cfg, device, blind=False):
     """VQA accuracy per type on the vqa_items test set (exact match after normalize_answer),
-    and grounding accuracy on its box questions (IoU >= 0.5)."""
+    and grounding accuracy on its box questions (IoU >= 0.5).
+
+    blind=True asks the same questions about a blank canvas instead of each scene (same size,
+    same preprocessing, same tiling): what the language prior alone answers. Its keys start
+    with "blind_"; vqa_acc minus blind_vqa_acc is what the image contributes."""
     vqa_types = [t for t in shapes.QUESTION_TYPES if t != "grounding"]
     test_set = vqa_items(cfg)
-    predictions = answer_all(model, tok, [(scene, q) for scene, _, q, _ in test_set], cfg, device)
+    shown = [(blank(scene) if blind else scene, q) for scene, _, q, _ in test_set]
+    predictions = answer_all(model, tok, shown, cfg, device)
     metrics, right = {}, Counter()
     for (_, t, _, a), p in zip(test_set, predictions):
         if t == "grounding":
@@ -186,7 +239,7 @@ def evaluate_vqa(model, tok, cfg, device):
         metrics[key] = right[t] / counts[t]
     n_vqa = sum(counts[t] for t in vqa_types)
     metrics["vqa_acc"] = sum(right[t] for t in vqa_types) / max(1, n_vqa)
-    return metrics
+    return {f"blind_{k}": v for k, v in metrics.items()} if blind else metrics
 
 
 def evaluate_pope(model, tok, cfg, device):
@@ -204,9 +257,16 @@ def evaluate_pope(model, tok, cfg, device):
 
 
 def evaluate_captions(model, tok, cfg, device):
+    """caption_acc (every object named with its size, colour and shape, nothing else) and,
+    per attribute, the share of the scenes' objects the captions name right
+    (caption_attribute_scores): how much of the picture the projector carries."""
     items = [(test_scene(cfg, 200_000 + i), CAPTION_PROMPTS[0]) for i in range(cfg.eval_captions)]
     predictions = answer_all(model, tok, items, cfg, device, max_new_tokens=48)
-    return {"caption_acc": sum(caption_correct(p, s) for p, (s, _) in zip(predictions, items)) / len(items)}
+    metrics = {"caption_acc": sum(caption_correct(p, s) for p, (s, _) in zip(predictions, items)) / len(items)}
+    right = sum((caption_attribute_scores(p, s) for p, (s, _) in zip(predictions, items)), Counter())
+    n_objects = sum(len(s.objects) for s, _ in items)
+    metrics.update({f"caption_{a}_acc": right[a] / n_objects for a in CAPTION_ATTRIBUTES})
+    return metrics
 
 
 def evaluate_two_image(model, tok, cfg, device):
@@ -241,7 +301,9 @@ def evaluate_vlm(stage, model, tok, cfg, device):
     model.eval()
     if stage == "align":
         return evaluate_captions(model, tok, cfg, device)
-    metrics = {**evaluate_vqa(model, tok, cfg, device), **evaluate_pope(model, tok, cfg, device)}
+    metrics = {**evaluate_vqa(model, tok, cfg, device), **evaluate_vqa(model, tok, cfg, device, blind=True),
+               **evaluate_pope(model, tok, cfg, device)}
+    metrics["vqa_image_gain"] = metrics["vqa_acc"] - metrics["blind_vqa_acc"]
     if cfg.two_image_share > 0:
         metrics.update(evaluate_two_image(model, tok, cfg, device))
     return metrics
@@ -370,21 +432,36 @@ def evaluate_clip(model, tok, cfg, device):
              for i in range(cfg.eval_retrieval)]
     captions = [shapes.caption(s, random.Random(i)) for i, s in enumerate(multi)]
     metrics.update(retrieval(model, tok, [shapes.render(s) for s in multi], captions, cfg, device))
-    metrics["clip_linear_probe_acc"] = linear_probe(model, classes, image_emb, truth, cfg, device)
+    metrics.update(linear_probes(model, scenes, image_emb, cfg, device))
     metrics["clip_temperature"] = 1 / model.scale().item()
     return metrics
 
 
-def linear_probe(model, classes, test_emb, test_truth, cfg, device):
-    """Logistic regression on frozen image features (the CLIP paper's linear-probe protocol):
-    fit on single-object train scenes, score on the zero-shot test scenes (their embeddings
-    and true classes are passed in)."""
+@torch.no_grad()
+def pooled_features(model, scenes, cfg, device):
+    """The ViT's own summary of each scene, before CLIP's projection: (n, D)."""
+    pixels = torch.stack([data.preprocess(shapes.render(s), cfg.image_size) for s in scenes]).to(device)
+    return torch.cat([model.visual.pooled(chunk) for chunk in pixels.split(256)]).cpu()  # (n, D)
+
+
+def linear_probes(model, test_scenes, test_emb, cfg, device):
+    """Logistic regressions on frozen features (the CLIP paper's linear-probe protocol), fit
+    on 2,000 single-object train scenes and scored on the zero-shot test scenes:
+    clip_linear_probe_acc reads the 30 colour x shape classes from the CLIP embedding;
+    clip_probe_colour_acc and clip_probe_shape_acc read one attribute each from the pooled
+    ViT features: what the vision tower itself keeps of colour and of shape."""
     train_scenes = [shapes.make_scene("train", 500_000 + i, world_config(cfg), n_objects=1) for i in range(2000)]
-    label = {c: k for k, c in enumerate(classes)}
-    train_y = torch.tensor([label[(s.objects[0].colour, s.objects[0].shape)] for s in train_scenes])
-    test_y = torch.tensor([label[t] for t in test_truth])
-    return clip_lib.linear_probe(embed_scenes(model, train_scenes, cfg, device).cpu(), train_y,
-                                 test_emb.cpu(), test_y)
+    train_emb = embed_scenes(model, train_scenes, cfg, device).cpu()
+    train_vit, test_vit = (pooled_features(model, s, cfg, device) for s in (train_scenes, test_scenes))
+    metrics = {}
+    for name, label in (("clip_linear_probe_acc", lambda o: (o.colour, o.shape)),
+                        ("clip_probe_colour_acc", lambda o: o.colour), ("clip_probe_shape_acc", lambda o: o.shape)):
+        classes = sorted({label(s.objects[0]) for s in train_scenes + test_scenes})
+        train_y, test_y = (torch.tensor([classes.index(label(s.objects[0])) for s in split])
+                           for split in (train_scenes, test_scenes))
+        train_x, test_x = (train_emb, test_emb.cpu()) if name == "clip_linear_probe_acc" else (train_vit, test_vit)
+        metrics[name] = clip_lib.linear_probe(train_x, train_y, test_x, test_y)
+    return metrics
 
 
 # -----------------------------------------------------------------------------

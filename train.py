@@ -82,6 +82,7 @@ class Config:
     tokenizer_scenes: int = 2000
     # vision tower (ViT) and CLIP's text tower
     patch_size: int = 8
+    vit_stem: str = "patch"
     vit_width: int = 128
     vit_depth: int = 4
     vit_heads: int = 4
@@ -114,6 +115,7 @@ class Config:
     tile_grids: str = ""                  # any-res tiling: allowed grids "RxC,..." (e.g. "1x2,2x1,2x2"), up to 4x4;
                                           # "": one squashed view per image
     resampler_queries: int = 16           # projector=resampler: learned queries = visual tokens per image
+    shuffle_factor: int = 2
     vision_layer: int = -1                # which ViT block's hidden states feed the projector
     # stage align (LLaVA stage 1)
     align_steps: int = 100
@@ -127,6 +129,8 @@ class Config:
     instruct_vision_lr: float = 0.0       # the ViT: 0 keeps it frozen, as LLaVA does
     instruct_turns: int = 4               # questions per conversation: answers per image per forward pass
     loss_per_answer: bool = False         # align/instruct: each answer weighs the same, not each token
+    conversation_share: float = 0.2       # instruct: share of samples that are LLaVA conversations
+    curriculum_steps: int = 0             # instruct: the first steps see one-object scenes only
     two_image_share: float = 0.0          # instruct: share of samples that are two-image conversations
     question_types: str = ""              # instruct and VQA evaluation: only these shapes.QUESTION_TYPES,
                                           # comma-separated (e.g. "colour,shape"); "": all, POPE and conversations
@@ -226,7 +230,7 @@ class TrainingError(RuntimeError):
 
 def clip_config(cfg, tok):
     vit = ViTConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.vit_width,
-                    depth=cfg.vit_depth, heads=cfg.vit_heads, use_cls=cfg.vit_cls)
+                    depth=cfg.vit_depth, heads=cfg.vit_heads, use_cls=cfg.vit_cls, stem=cfg.vit_stem)
     return CLIPConfig(vit=vit, vocab_size=tok.vocab_size, context_length=cfg.context_length,
                       text_width=cfg.text_width, text_depth=cfg.text_depth, text_heads=cfg.text_heads,
                       embed_dim=cfg.embed_dim)
@@ -236,7 +240,7 @@ def vlm_config(cfg, tok):
     llm = LLMConfig(vocab_size=tok.vocab_size, dim=cfg.llm_dim, n_layers=cfg.llm_layers,
                     n_heads=cfg.llm_heads, n_kv_heads=cfg.llm_kv_heads,
                     ffn_hidden=cfg.llm_ffn_hidden, max_seq_len=cfg.max_seq_len)
-    return VLMConfig(vision=clip_config(cfg, tok).vit, llm=llm, projector=cfg.projector,
+    return VLMConfig(vision=clip_config(cfg, tok).vit, llm=llm, projector=cfg.projector, shuffle_factor=cfg.shuffle_factor,
                      resampler_queries=cfg.resampler_queries, tile_grids=tile_grids(cfg),
                      vision_layer=cfg.vision_layer, image_token_id=tok.image_id)
 
@@ -505,6 +509,10 @@ def check_flags(cfg):
 
 
 def main(argv):
+    import vit
+    vit.STEM_NORM = os.environ.get("STEM_NORM", "batch")
+    vit.STEM_ACT = os.environ.get("STEM_ACT", "relu")
+    vit.STEM_COLOUR = os.environ.get("STEM_COLOUR", "") == "1"
     cfg = parse_flags(Config, argv, PRESETS)
     check_flags(cfg)
     if cfg.export:

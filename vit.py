@@ -37,6 +37,7 @@ class ViTConfig:
     heads: int = 4
     mlp_ratio: float = 4.0
     use_cls: bool = True
+    stem: str = "patch"  # how pixels become tokens: "patch" (one P x P projection) | "conv" (ConvStem)
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
@@ -112,6 +113,44 @@ class PatchEmbed(nn.Module):
         return patches @ weight.T + self.proj.bias  # (B, N, D)
 
 
+STEM_NORM = "batch"   # experiment switch
+STEM_ACT = "relu"
+STEM_COLOUR = False
+
+
+class ConvStem(nn.Module):
+    """Patch embedding by a few convolutions: log2(P) 3x3 convolutions of stride 2, each
+    with a norm and a non-linearity, then a 1x1 convolution to the width."""
+
+    def __init__(self, patch_size, width, in_channels=3):
+        super().__init__()
+        n = int(math.log2(patch_size))
+        if 2 ** n != patch_size:
+            raise ValueError(f"the conv stem needs a power-of-two patch_size, got {patch_size}")
+        chans = [in_channels] + [width // 2 ** (n - 1 - k) for k in range(n)]
+        layers = []
+        for c_in, c_out in zip(chans[:-1], chans[1:]):
+            layers.append(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=STEM_NORM == "none"))
+            if STEM_NORM == "batch":
+                layers.append(nn.BatchNorm2d(c_out))
+            elif STEM_NORM == "group":
+                layers.append(nn.GroupNorm(1, c_out))
+            layers.append(nn.ReLU() if STEM_ACT == "relu" else nn.GELU())
+        self.convs = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(width, width, 1)
+        self.patch_size = patch_size
+        if STEM_COLOUR:
+            self.colour = nn.Conv2d(in_channels, width, 1)
+            self.ln_a, self.ln_b = nn.LayerNorm(width), nn.LayerNorm(width)
+
+    def forward(self, x):
+        y = self.proj(self.convs(x)).flatten(2).transpose(1, 2)  # (B, N, D)
+        if STEM_COLOUR:
+            mean = F.avg_pool2d(x, self.patch_size)
+            y = self.ln_a(y) + self.ln_b(self.colour(mean).flatten(2).transpose(1, 2))
+        return y
+
+
 class Block(nn.Module):
     """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x)).
     Normalising before each sub-layer (not after, as in the 2017 Transformer) keeps an
@@ -154,7 +193,7 @@ class ViT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.num_patches = cfg.num_patches
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.width)
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.width) if cfg.stem == "patch" else ConvStem(cfg.patch_size, cfg.width)
         # the CLS token is a learned input whose output summarises the image (ViT paper §3.1)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width)) if cfg.use_cls else None
         # attention is order-blind; a learned vector per position tells the model where a patch was
