@@ -242,6 +242,34 @@ def evaluate_vqa(model, tok, cfg, device, blind=False):
     return {f"blind_{k}": v for k, v in metrics.items()} if blind else metrics
 
 
+@torch.no_grad()
+def image_attention(model, tok, cfg, device, n_questions=100):
+    """Per LLM layer, the share of its attention that the position about to write the answer
+    pays to the image block, averaged over heads and over the first n_questions VQA test
+    questions: does the model look at the picture? A model that ignores it puts about
+    (image tokens / prompt length) there only by chance, or less."""
+    items = vqa_items(cfg)[:n_questions]
+    samples = []
+    for scene, _, q, _ in items:
+        ids, pixels = prompt_inputs(model, tok, question(q), [shapes.render(scene)], cfg.image_size)
+        samples.append({"input_ids": ids, "images": pixels})
+    batch = data.collate(samples, tok.pad_id, side="left")
+    attentions = [block.attn for block in model.llm.blocks]
+    for attn in attentions:
+        attn.keep_attention = True
+    try:
+        model(batch["input_ids"].to(device), batch["images"].to(device), batch["attention_mask"].to(device))
+    finally:
+        for attn in attentions:
+            attn.keep_attention = False
+    on_image = (batch["input_ids"] == tok.image_id).to(device)  # (B, T): the keys that are image slots
+    metrics = {}
+    for k, attn in enumerate(attentions):
+        last = attn.attention_weights[:, :, -1]  # (B, H, T): the answer position's weights (left padding)
+        metrics[f"image_attention_layer{k}"] = (last * on_image[:, None]).sum(-1).mean().item()
+    return metrics
+
+
 def evaluate_pope(model, tok, cfg, device):
     metrics = {}
     for kind in shapes.POPE_KINDS:
@@ -304,6 +332,7 @@ def evaluate_vlm(stage, model, tok, cfg, device):
     metrics = {**evaluate_vqa(model, tok, cfg, device), **evaluate_vqa(model, tok, cfg, device, blind=True),
                **evaluate_pope(model, tok, cfg, device)}
     metrics["vqa_image_gain"] = metrics["vqa_acc"] - metrics["blind_vqa_acc"]
+    metrics.update(image_attention(model, tok, cfg, device))
     if cfg.two_image_share > 0:
         metrics.update(evaluate_two_image(model, tok, cfg, device))
     return metrics

@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import replace
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,7 +20,7 @@ import evaluate
 import shapes
 from evaluate import caption_correct, caption_objects, iou, normalize_answer, pope_metrics
 from shapes import Obj, Scene
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, train_bpe
 
 # ----------------------------------------------------------------------------- normalize_answer
 
@@ -169,6 +170,39 @@ def test_print_table_formats_fractions_seconds_and_the_rest(capsys):
 
 # ----------------------------------------------------------------------------- the evaluation loops, with stub models
 
+# ----------------------------------------------------------------------------- caption attributes
+
+
+@pytest.mark.parametrize("caption, right", [
+    # both objects named right, in any order: every attribute 2 of 2
+    ("a large red circle at the top left and a small blue square in the centre",
+     {"colour": 2, "shape": 2, "size": 2, "position": 2}),
+    # the square's colour wrong: colour 1 of 2, the rest still right
+    ("a small green square in the centre and a large red circle at the top left",
+     {"colour": 1, "shape": 2, "size": 2, "position": 2}),
+    # the circle placed in the wrong region: it is not matched, wrong on every attribute
+    ("a large red circle at the top right and a small blue square in the centre",
+     {"colour": 1, "shape": 1, "size": 1, "position": 1}),
+    # a region with the wrong shape: colour and size can still be right there, shape and position not
+    ("a large red ring at the top left and a small blue square in the centre",
+     {"colour": 2, "shape": 1, "size": 2, "position": 1}),
+    # the circle without its size, the square not placed at all
+    ("a red circle at the top left and a small blue square",
+     {"colour": 1, "shape": 1, "size": 0, "position": 1}),
+    ("I cannot tell", {"colour": 0, "shape": 0, "size": 0, "position": 0}),
+])
+def test_caption_attribute_scores_on_a_hand_built_scene(caption, right):
+    assert evaluate.caption_attribute_scores(caption, SCENE) == Counter(right)
+
+
+def test_caption_attribute_scores_are_perfect_on_the_world_s_own_captions():
+    world = shapes.WorldConfig()
+    for i in range(200):
+        scene = shapes.make_scene("test", i, world)
+        right = evaluate.caption_attribute_scores(shapes.caption(scene, random.Random(i)), scene)
+        assert right == Counter({a: len(scene.objects) for a in evaluate.CAPTION_ATTRIBUTES}), i
+
+
 EVAL_CFG = SimpleNamespace(image_size=64, max_objects=3, seed=0, eval_questions=14, eval_grounding=3,
                            eval_pope=6, eval_captions=6, eval_batch_size=4, world_size=0, object_scale=1.0,
                            two_image_share=0.0, eval_two_image=12, question_types="")
@@ -217,6 +251,24 @@ def test_vqa_oracle_scores_one_and_counts_every_type(monkeypatch, gold):
     (items,) = calls
     types = Counter(gold[shapes.scene_signature(s), q][0] for s, q in items)
     assert types == Counter({**{t: 2 for t in VQA_TYPES}, "grounding": 3})
+
+
+def test_blind_vqa_asks_the_same_questions_about_a_blank_canvas(monkeypatch, gold):
+    """The blind baseline: the same items, each scene replaced by one with no objects (a white
+    canvas of the same size), scored against the true answers under blind_ keys."""
+    calls = []
+    stub_answerer(monkeypatch, lambda s, q: "zzz" if s.objects else "no", calls)
+    seeing = evaluate.evaluate_vqa(None, None, EVAL_CFG, "cpu")
+    blind = evaluate.evaluate_vqa(None, None, EVAL_CFG, "cpu", blind=True)
+    assert set(blind) == {f"blind_{k}" for k in seeing}
+    (shown, asked) = calls
+    assert [q for _, q in shown] == [q for _, q in asked]
+    assert all(s.objects for s, _ in shown) and not any(s.objects for s, _ in asked)
+    assert {s.image_size for s, _ in asked} == {EVAL_CFG.image_size}
+    assert (np.asarray(shapes.render(asked[0][0])) == shapes.BACKGROUND).all()  # white, every pixel
+    # "no" is right exactly where the true answer is "no"
+    n_no = sum(gold[shapes.scene_signature(s), q] == ("existence", "no") for s, q in shown)
+    assert blind["blind_vqa_acc_existence"] == n_no / 2 and seeing["vqa_acc"] == 0.0
 
 
 def test_vqa_per_type_bookkeeping(monkeypatch, gold):
@@ -283,20 +335,28 @@ def test_pope_always_yes_and_oracle(monkeypatch, gold):
 
 def test_caption_accuracy_oracle_and_wrong_scene(monkeypatch):
     stub_answerer(monkeypatch, lambda s, q: shapes.caption(s, random.Random(0)))
-    assert evaluate.evaluate_captions(None, None, EVAL_CFG, "cpu") == {"caption_acc": 1.0}
+    perfect = {"caption_acc": 1.0} | {f"caption_{a}_acc": 1.0 for a in evaluate.CAPTION_ATTRIBUTES}
+    assert evaluate.evaluate_captions(None, None, EVAL_CFG, "cpu") == perfect
     # the same caption with the first object's colour changed is wrong, for every scene
     def recoloured(scene, q):
         first = scene.objects[0]
         colour = next(c for c in shapes.COLOURS if c != first.colour)
         return shapes.caption(Scene([replace(first, colour=colour)] + scene.objects[1:], 64), random.Random(0))
     stub_answerer(monkeypatch, recoloured)
-    assert evaluate.evaluate_captions(None, None, EVAL_CFG, "cpu") == {"caption_acc": 0.0}
+    m = evaluate.evaluate_captions(None, None, EVAL_CFG, "cpu")
+    assert m["caption_acc"] == 0.0 and m["caption_shape_acc"] == m["caption_size_acc"] == 1.0
+    # one object of each scene has the wrong colour
+    scenes = [evaluate.test_scene(EVAL_CFG, 200_000 + i) for i in range(EVAL_CFG.eval_captions)]
+    n = sum(len(s.objects) for s in scenes)
+    assert m["caption_colour_acc"] == pytest.approx((n - len(scenes)) / n)
 
 
 def test_evaluate_vlm_picks_the_stage_metrics(monkeypatch):
     stub_answerer(monkeypatch, lambda s, q: "yes")
+    monkeypatch.setattr(evaluate, "image_attention", lambda *a, **k: {})
     model = torch.nn.Linear(1, 1)
-    assert set(evaluate.evaluate_vlm("align", model, None, EVAL_CFG, "cpu")) == {"caption_acc"}
+    assert set(evaluate.evaluate_vlm("align", model, None, EVAL_CFG, "cpu")) == {
+        "caption_acc", "caption_colour_acc", "caption_shape_acc", "caption_size_acc", "caption_position_acc"}
     keys = set(evaluate.evaluate_vlm("instruct", model, None, EVAL_CFG, "cpu"))
     assert {"vqa_acc", "grounding_acc", "pope_adversarial_f1"} <= keys and "caption_acc" not in keys
 
@@ -412,3 +472,26 @@ def test_a_focused_run_is_scored_on_its_own_types(monkeypatch, gold):
     m = evaluate.evaluate_vqa(None, None, cfg, "cpu")
     assert set(m) == {"vqa_acc", "vqa_acc_colour", "vqa_acc_shape"} and m["vqa_acc"] == 1.0
     assert len(calls[0]) == cfg.eval_questions
+def test_image_attention_of_uniform_attention_is_the_image_share_of_the_prompt():
+    """With every query zeroed, each attention row is uniform over the real tokens it may see,
+    so the answer position's mass on the image is (image slots / real prompt tokens), worked
+    out here from the prompts alone; left padding must not count."""
+    from model import VLM, VLMConfig, LLMConfig
+    from vit import ViTConfig
+    tok = Tokenizer(train_bpe(["What colour is the circle? user assistant"], 300))
+    cfg = VLMConfig(vision=ViTConfig(image_size=32, patch_size=8, width=32, depth=1, heads=2),
+                    llm=LLMConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=2, n_kv_heads=2,
+                                  ffn_hidden=64), image_token_id=tok.image_id)
+    torch.manual_seed(0)
+    model = VLM(cfg).eval()
+    for block in model.llm.blocks:
+        with torch.no_grad():
+            block.attn.qkv.weight[:cfg.llm.dim] = 0  # the query rows: every score 0, softmax uniform
+    run_cfg = SimpleNamespace(**{**vars(EVAL_CFG), "image_size": 32, "eval_questions": 7, "eval_grounding": 0})
+    mass = evaluate.image_attention(model, tok, run_cfg, "cpu", n_questions=5)
+    items = evaluate.vqa_items(run_cfg)[:5]
+    lengths = [len(evaluate.prompt_inputs(model, tok, data.question(q), [shapes.render(s)], 32)[0])
+               for s, _, q, _ in items]
+    expected = sum(model.num_image_tokens / n for n in lengths) / len(lengths)
+    assert len(set(lengths)) > 1  # the batch really is left-padded
+    assert mass == pytest.approx({"image_attention_layer0": expected, "image_attention_layer1": expected}, abs=1e-6)
