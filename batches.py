@@ -128,7 +128,8 @@ def clip_batch(cfg, tok, step, micro, share=None):
         index, rng = scene_rng(cfg, "clip", step, micro, len(scenes))
         n = 1 if rng.random() < cfg.clip_single_object_prob else None
         scene = shapes.make_scene("train", index, world, n_objects=n)
-        twin = shapes.hard_negative(scene, rng) if rng.random() < cfg.clip_hard_negative_prob else None
+        twin = shapes.hard_negative(scene, rng, attribute=rng.choice(("shape", "colour"))) \
+            if rng.random() < cfg.clip_hard_negative_prob else None
         caption_seed = rng.random()
         for s in (scene, twin) if twin is not None else (scene,):
             scenes.append(s)
@@ -138,7 +139,7 @@ def clip_batch(cfg, tok, step, micro, share=None):
     return {"images": images, "ids": clip_tokenize(tok, [texts[i] for i in share], cfg.context_length)}
 
 
-def instruct_turns(scene, rng, n_turns, types=()):
+def instruct_turns(scene, rng, n_turns, types=(), conversation_share=0.2):
     """Several answers per image per forward pass: n_turns questions of the scene (every
     type, and a POPE-style probe with any kind of negative) in a random order, or one of
     LLaVA's conversation types (QA, detailed description, reasoning). With `types`, a
@@ -147,7 +148,7 @@ def instruct_turns(scene, rng, n_turns, types=()):
         asked = shapes.questions(scene, rng)
         turns = [(q, a) for t, q, a in asked if t in types] or [(q, a) for _, q, a in asked]
         return rng.sample(turns, min(n_turns, len(turns)))
-    if rng.random() < 0.8:
+    if rng.random() >= conversation_share:
         turns = [(q, a) for _, q, a in shapes.questions(scene, rng)]
         kind = rng.choice(shapes.POPE_KINDS)
         turns.append(shapes.pope_question(scene, kind, rng, answer_yes=rng.random() < 0.5))
@@ -162,7 +163,8 @@ def vlm_batch(cfg, tok, stage, step, micro, image_tokens, batch_size, split="tra
     world, samples = world_config(cfg), []
     for i in range(batch_size) if share is None else share:
         index, rng = scene_rng(cfg, stage, step, micro, i)
-        scene = shapes.make_scene(split, index, world)
+        single = stage == "instruct" and step < cfg.curriculum_steps
+        scene = shapes.make_scene(split, index, world, n_objects=1 if single else None)
         if stage == "lm":
             turns = instruct_turns(scene, rng, cfg.instruct_turns) + [("Describe the image.", shapes.caption(scene, rng))]
             sample = fit_turns(tok, [], turns, image_tokens, cfg)
@@ -176,7 +178,7 @@ def vlm_batch(cfg, tok, stage, step, micro, image_tokens, batch_size, split="tra
             turns = [(q, a) for _, q, a in rng.sample(questions, len(questions))]
             samples.append(fit_turns(tok, [first, second], turns, image_tokens, cfg))
         else:
-            turns = instruct_turns(scene, rng, cfg.instruct_turns, focus_types(cfg))
+            turns = instruct_turns(scene, rng, cfg.instruct_turns, focus_types(cfg), cfg.conversation_share)
             samples.append(fit_turns(tok, [scene], turns, image_tokens, cfg))
     for s in samples:  # only a first turn longer than the context is still cut
         s["input_ids"], s["labels"] = s["input_ids"][: cfg.max_seq_len], s["labels"][: cfg.max_seq_len]

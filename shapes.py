@@ -195,7 +195,7 @@ def make_scene(split, index, cfg, n_objects=None):
     raise RuntimeError(f"no {split} scene found for index {index} in {MAX_ATTEMPTS} draws")
 
 
-def hard_negative(scene, rng, split="train", held_out=()):
+def hard_negative(scene, rng, split="train", held_out=(), attribute="shape"):
     """The same scene with one object's shape changed: a hard negative for contrastive
     learning. Captioned with the same RNG state, its caption differs from the original's
     in one word, so telling the two apart takes seeing the shape ("When and why
@@ -204,11 +204,12 @@ def hard_negative(scene, rng, split="train", held_out=()):
     for _ in range(20):
         k = rng.randrange(len(scene.objects))
         obj = scene.objects[k]
-        shape = rng.choice([s for s in SHAPES if s != obj.shape])
-        if (obj.colour, shape) in held_out:
+        value = rng.choice([v for v in (SHAPES if attribute == "shape" else COLOURS) if v != getattr(obj, attribute)])
+        changed = replace(obj, **{attribute: value})  # every shape fills the same box
+        if (changed.colour, changed.shape) in held_out:
             continue
         objects = list(scene.objects)
-        objects[k] = replace(obj, shape=shape)  # every shape fills the same box
+        objects[k] = changed
         twin = Scene(objects, scene.image_size)
         if SPLIT_OF_BUCKET[_stable_int(scene_signature(twin)) % 10] == split:
             return twin
