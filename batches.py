@@ -133,7 +133,8 @@ def clip_batch(cfg, tok, step, micro, share=None):
         caption_seed = rng.random()
         for s in (scene, twin) if twin is not None else (scene,):
             scenes.append(s)
-            texts.append(shapes.caption(s, random.Random(caption_seed), drop_prob=cfg.clip_drop_prob))
+            texts.append(shapes.caption(s, random.Random(caption_seed), drop_prob=cfg.clip_drop_prob,
+                                       shape_drop_prob=cfg.clip_shape_drop_prob, keep_colour=cfg.clip_keep_colour))
     share = range(cfg.clip_batch_size) if share is None else share
     images = torch.stack([data.preprocess(shapes.render(scenes[i]), cfg.image_size) for i in share])  # (B, 3, S, S)
     return {"images": images, "ids": clip_tokenize(tok, [texts[i] for i in share], cfg.context_length)}
@@ -167,6 +168,8 @@ def vlm_batch(cfg, tok, stage, step, micro, image_tokens, batch_size, split="tra
         scene = shapes.make_scene(split, index, world, n_objects=1 if single else None)
         if stage == "lm":
             turns = instruct_turns(scene, rng, cfg.instruct_turns) + [("Describe the image.", shapes.caption(scene, rng))]
+            if cfg.lm_context:  # the scene in words where the image will be: the LLM learns to read its context
+                turns[0] = (shapes.describe(scene) + "\n" + turns[0][0], turns[0][1])
             sample = fit_turns(tok, [], turns, image_tokens, cfg)
             sample["labels"] = list(sample["input_ids"])  # language modelling: every token is a target
             samples.append(sample)

@@ -293,14 +293,15 @@ def _noun_phrase(obj, attrs, definite=True):
     return phrase + " " + REGION_PHRASES[obj.region] if "region" in attrs else phrase
 
 
-def caption(scene, rng, drop_prob=0.0):
+def caption(scene, rng, drop_prob=0.0, shape_drop_prob=0.0, keep_colour=False):
     """A short caption in one of several paraphrases. With drop_prob > 0, each size,
-    colour and position is left out independently, but the shape noun never is: a caption
-    must always let CLIP's contrastive loss tell a circle from a square."""
+    colour and position is left out independently; the shape noun only with shape_drop_prob,
+    and only when the colour stays ("a red object")."""
     phrases = []
     for obj in rng.sample(scene.objects, len(scene.objects)):
-        attrs = [a for a in ("size", "colour", "shape", "region")
-                 if a == "shape" or rng.random() >= drop_prob]
+        attrs = [a for a in ("size", "colour", "region") if (keep_colour and a == "colour") or rng.random() >= drop_prob]
+        if not (shape_drop_prob > 0 and "colour" in attrs and rng.random() < shape_drop_prob):
+            attrs.append("shape")  # (no draw at all when shape_drop_prob is 0: the default captions stay as they were)
         phrases.append(_noun_phrase(obj, attrs, definite=False))
     template = rng.choice(("{}", "there is {}", "the image shows {}", "a picture of {}",
                            "an image with {}", "{} on a white background"))

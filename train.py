@@ -98,6 +98,8 @@ class Config:
     clip_lr: float = 1e-3
     clip_drop_prob: float = 0.3           # each caption attribute but the shape noun is dropped with this probability
     clip_single_object_prob: float = 0.5  # share of single-object scenes: shape must be seen alone too
+    clip_shape_drop_prob: float = 0.0
+    clip_keep_colour: bool = False
     clip_hard_negative_prob: float = 0.0  # share of scenes that bring a twin with one shape changed
     # decoder LLM
     llm_dim: int = 192
@@ -110,6 +112,7 @@ class Config:
     lm_steps: int = 60
     lm_batch_size: int = 32
     lm_lr: float = 2e-3
+    lm_context: bool = False
     # VLM: how vision meets language
     projector: str = "mlp"                # linear | mlp | pixel_shuffle | resampler
     tile_grids: str = ""                  # any-res tiling: allowed grids "RxC,..." (e.g. "1x2,2x1,2x2"), up to 4x4;
@@ -327,6 +330,16 @@ def make_optimizer(groups, cfg, device):
     return torch.optim.AdamW(param_groups, betas=(0.9, 0.95), fused=device.startswith("cuda"))
 
 
+def train_mode(model):
+    """model.train() for the parts that train; a frozen part keeps behaving as it will at
+    inference: a frozen BatchNorm must not normalise by each batch nor update its statistics."""
+    model.train()
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if own and not any(p.requires_grad for p in own):
+            module.eval()
+
+
 def train_loop(model, get_batch, loss_fn, *, name, groups, steps, batch_size, cfg, device, dtype,
                resume=None, save=None):
     """Run `steps` optimizer steps on [(parameters, learning rate)] groups; returns each step's loss.
@@ -349,7 +362,7 @@ def train_loop(model, get_batch, loss_fn, *, name, groups, steps, batch_size, cf
         losses, start = list(resume["losses"]), resume["step"]
     stream = batches.micro_batches(get_batch, range(start, steps), cfg, device)
     t0 = time.time()
-    model.train()
+    train_mode(model)
     for step in range(start, steps):
         for group in opt.param_groups:
             group["lr"] = group["peak_lr"] * lr_at(step, steps, cfg)  # each group's own peak, scheduled
