@@ -128,13 +128,12 @@ def clip_batch(cfg, tok, step, micro, share=None):
         index, rng = scene_rng(cfg, "clip", step, micro, len(scenes))
         n = 1 if rng.random() < cfg.clip_single_object_prob else None
         scene = shapes.make_scene("train", index, world, n_objects=n)
-        twin = shapes.hard_negative(scene, rng, attribute=rng.choice(("shape", "colour"))) \
-            if rng.random() < cfg.clip_hard_negative_prob else None
+        twin = shapes.hard_negative(scene, rng) if rng.random() < cfg.clip_hard_negative_prob else None
         caption_seed = rng.random()
         for s in (scene, twin) if twin is not None else (scene,):
             scenes.append(s)
             texts.append(shapes.caption(s, random.Random(caption_seed), drop_prob=cfg.clip_drop_prob,
-                                       shape_drop_prob=cfg.clip_shape_drop_prob, keep_colour=cfg.clip_keep_colour))
+                                       keep_colour=not cfg.clip_drop_colour))
     share = range(cfg.clip_batch_size) if share is None else share
     images = torch.stack([data.preprocess(shapes.render(scenes[i]), cfg.image_size) for i in share])  # (B, 3, S, S)
     return {"images": images, "ids": clip_tokenize(tok, [texts[i] for i in share], cfg.context_length)}

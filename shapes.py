@@ -195,7 +195,7 @@ def make_scene(split, index, cfg, n_objects=None):
     raise RuntimeError(f"no {split} scene found for index {index} in {MAX_ATTEMPTS} draws")
 
 
-def hard_negative(scene, rng, split="train", held_out=(), attribute="shape"):
+def hard_negative(scene, rng, split="train", held_out=()):
     """The same scene with one object's shape changed: a hard negative for contrastive
     learning. Captioned with the same RNG state, its caption differs from the original's
     in one word, so telling the two apart takes seeing the shape ("When and why
@@ -204,12 +204,11 @@ def hard_negative(scene, rng, split="train", held_out=(), attribute="shape"):
     for _ in range(20):
         k = rng.randrange(len(scene.objects))
         obj = scene.objects[k]
-        value = rng.choice([v for v in (SHAPES if attribute == "shape" else COLOURS) if v != getattr(obj, attribute)])
-        changed = replace(obj, **{attribute: value})  # every shape fills the same box
-        if (changed.colour, changed.shape) in held_out:
+        shape = rng.choice([s for s in SHAPES if s != obj.shape])
+        if (obj.colour, shape) in held_out:
             continue
         objects = list(scene.objects)
-        objects[k] = changed
+        objects[k] = replace(obj, shape=shape)  # every shape fills the same box
         twin = Scene(objects, scene.image_size)
         if SPLIT_OF_BUCKET[_stable_int(scene_signature(twin)) % 10] == split:
             return twin
@@ -293,15 +292,15 @@ def _noun_phrase(obj, attrs, definite=True):
     return phrase + " " + REGION_PHRASES[obj.region] if "region" in attrs else phrase
 
 
-def caption(scene, rng, drop_prob=0.0, shape_drop_prob=0.0, keep_colour=False):
+def caption(scene, rng, drop_prob=0.0, keep_colour=False):
     """A short caption in one of several paraphrases. With drop_prob > 0, each size,
-    colour and position is left out independently; the shape noun only with shape_drop_prob,
-    and only when the colour stays ("a red object")."""
+    colour and position is left out independently (the colour never, with keep_colour);
+    the shape noun always stays. CLIP (clip.py) learns what tells its captions apart: a
+    caption that always names colour and shape makes it learn both (docs/experiments.md)."""
     phrases = []
     for obj in rng.sample(scene.objects, len(scene.objects)):
-        attrs = [a for a in ("size", "colour", "region") if (keep_colour and a == "colour") or rng.random() >= drop_prob]
-        if not (shape_drop_prob > 0 and "colour" in attrs and rng.random() < shape_drop_prob):
-            attrs.append("shape")  # (no draw at all when shape_drop_prob is 0: the default captions stay as they were)
+        attrs = [a for a in ("size", "colour", "shape", "region")
+                 if a == "shape" or rng.random() >= drop_prob or (a == "colour" and keep_colour)]
         phrases.append(_noun_phrase(obj, attrs, definite=False))
     template = rng.choice(("{}", "there is {}", "the image shows {}", "a picture of {}",
                            "an image with {}", "{} on a white background"))

@@ -96,10 +96,9 @@ class Config:
     clip_steps: int = 1000
     clip_batch_size: int = 64
     clip_lr: float = 1e-3
-    clip_drop_prob: float = 0.3           # each caption attribute but the shape noun is dropped with this probability
+    clip_drop_prob: float = 0.5           # each size and position word of a caption is left out with this probability
+    clip_drop_colour: bool = False        # colour words too (then CLIP learns colour or shape, not both)
     clip_single_object_prob: float = 0.5  # share of single-object scenes: shape must be seen alone too
-    clip_shape_drop_prob: float = 0.0
-    clip_keep_colour: bool = False
     clip_hard_negative_prob: float = 0.0  # share of scenes that bring a twin with one shape changed
     # decoder LLM
     llm_dim: int = 192
@@ -522,10 +521,6 @@ def check_flags(cfg):
 
 
 def main(argv):
-    import vit
-    vit.STEM_NORM = os.environ.get("STEM_NORM", "batch")
-    vit.STEM_ACT = os.environ.get("STEM_ACT", "relu")
-    vit.STEM_COLOUR = os.environ.get("STEM_COLOUR", "") == "1"
     cfg = parse_flags(Config, argv, PRESETS)
     check_flags(cfg)
     if cfg.export:

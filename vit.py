@@ -1,13 +1,19 @@
 """
 The vision encoder: a Vision Transformer (ViT), written out in full.
 
-An image is cut into P x P patches, each patch becomes one token by a linear map,
-a learned CLS token and learned position embeddings are added, and a stack of
+An image is cut into P x P patches, each patch becomes one token (the stem), a
+learned CLS token and learned position embeddings are added, and a stack of
 pre-LN transformer blocks mixes the tokens. The VLM reads the patch tokens of
 one chosen layer; CLIP (clip.py) reads the pooled output.
 
-Paper: "An Image is Worth 16x16 Words: Transformers for Image Recognition at
-Scale", Dosovitskiy et al. 2020, arXiv:2010.11929.
+Two stems make the patch tokens: PatchEmbed, the paper's one linear map per patch,
+and ConvStem, a few strided convolutions that see edges before shapes. Which one
+learns what, on the shapes world, is measured in docs/experiments.md and shown
+in notebooks/01_vit.ipynb.
+
+Papers: "An Image is Worth 16x16 Words: Transformers for Image Recognition at
+Scale", Dosovitskiy et al. 2020, arXiv:2010.11929; the conv stem: "Early
+Convolutions Help Transformers See Better", Xiao et al. 2021, arXiv:2106.14881.
 
 Shapes:  B batch, N patches per image, D width, P patch side, S image side,
          T tokens (N, or 1+N with the CLS token), H heads, hs head size (D // H).
@@ -37,13 +43,15 @@ class ViTConfig:
     heads: int = 4
     mlp_ratio: float = 4.0
     use_cls: bool = True
-    stem: str = "patch"  # how pixels become tokens: "patch" (one P x P projection) | "conv" (ConvStem)
+    stem: str = "patch"  # how pixels become patch tokens: "patch" (PatchEmbed) | "conv" (ConvStem)
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not a multiple of heads {self.heads}")
+        if self.stem not in STEMS:
+            raise ValueError(f"unknown stem {self.stem!r}; valid: {', '.join(STEMS)}")
         # plain attributes, not dataclass fields: asdict(cfg) stays a valid set of
         # constructor arguments, so ViTConfig(**asdict(cfg)) rebuilds it from a checkpoint
         self.grid_size = self.image_size // self.patch_size  # patches per side
@@ -113,42 +121,37 @@ class PatchEmbed(nn.Module):
         return patches @ weight.T + self.proj.bias  # (B, N, D)
 
 
-STEM_NORM = "batch"   # experiment switch
-STEM_ACT = "relu"
-STEM_COLOUR = False
-
-
 class ConvStem(nn.Module):
-    """Patch embedding by a few convolutions: log2(P) 3x3 convolutions of stride 2, each
-    with a norm and a non-linearity, then a 1x1 convolution to the width."""
+    """The same (B, N, D) patch tokens from a few convolutions: log2(P) 3x3 convolutions of
+    stride 2, each halving the resolution and followed by BatchNorm and ReLU, then a 1x1
+    convolution to the width. The ViT paper's "hybrid" input (section 3.1) in the small form of
+    "Early Convolutions Help Transformers See Better" (Xiao et al. 2021, arXiv:2106.14881).
+
+    Why: one linear map per patch must recognise a shape from raw pixels wherever it falls in
+    the patch; overlapping 3x3 kernels see edges and corners first and build the shape up,
+    the inductive bias of a CNN. Each output token still covers one P x P patch.
+    BatchNorm keeps running statistics: a frozen stem must run in eval mode (train.train_mode)."""
 
     def __init__(self, patch_size, width, in_channels=3):
         super().__init__()
         n = int(math.log2(patch_size))
         if 2 ** n != patch_size:
-            raise ValueError(f"the conv stem needs a power-of-two patch_size, got {patch_size}")
-        chans = [in_channels] + [width // 2 ** (n - 1 - k) for k in range(n)]
-        layers = []
-        for c_in, c_out in zip(chans[:-1], chans[1:]):
-            layers.append(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=STEM_NORM == "none"))
-            if STEM_NORM == "batch":
-                layers.append(nn.BatchNorm2d(c_out))
-            elif STEM_NORM == "group":
-                layers.append(nn.GroupNorm(1, c_out))
-            layers.append(nn.ReLU() if STEM_ACT == "relu" else nn.GELU())
-        self.convs = nn.Sequential(*layers)
-        self.proj = nn.Conv2d(width, width, 1)
-        self.patch_size = patch_size
-        if STEM_COLOUR:
-            self.colour = nn.Conv2d(in_channels, width, 1)
-            self.ln_a, self.ln_b = nn.LayerNorm(width), nn.LayerNorm(width)
+            raise ValueError(f"the conv stem halves the resolution log2(P) times: patch_size must be a power of 2, got {patch_size}")
+        # channels double as the resolution halves, ending at the width: P=16, D=128 -> 16, 32, 64, 128
+        channels = [in_channels] + [width // 2 ** (n - 1 - k) for k in range(n)]
+        self.convs = nn.ModuleList(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False)  # BN brings the bias
+                                   for c_in, c_out in zip(channels[:-1], channels[1:]))
+        self.norms = nn.ModuleList(nn.BatchNorm2d(c) for c in channels[1:])
+        self.proj = nn.Conv2d(width, width, kernel_size=1)
 
     def forward(self, x):
-        y = self.proj(self.convs(x)).flatten(2).transpose(1, 2)  # (B, N, D)
-        if STEM_COLOUR:
-            mean = F.avg_pool2d(x, self.patch_size)
-            y = self.ln_a(y) + self.ln_b(self.colour(mean).flatten(2).transpose(1, 2))
-        return y
+        for conv, norm in zip(self.convs, self.norms):
+            x = F.relu(norm(conv(x)))  # (B, C, H/2, W/2): twice the channels, half the side
+        x = self.proj(x)  # (B, D, S/P, S/P)
+        return x.flatten(2).transpose(1, 2)  # (B, N, D), patches in row-major order
+
+
+STEMS = {"patch": PatchEmbed, "conv": ConvStem}
 
 
 class Block(nn.Module):
@@ -193,7 +196,7 @@ class ViT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.num_patches = cfg.num_patches
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.width) if cfg.stem == "patch" else ConvStem(cfg.patch_size, cfg.width)
+        self.patch_embed = STEMS[cfg.stem](cfg.patch_size, cfg.width)
         # the CLS token is a learned input whose output summarises the image (ViT paper §3.1)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width)) if cfg.use_cls else None
         # attention is order-blind; a learned vector per position tells the model where a patch was
