@@ -161,27 +161,53 @@ def multipliers(trained_flags):
     return ks
 
 
+def stem_convolutions(vit):
+    """[(name, parameters, output positions)] of each convolution of the ViT's stem: a kernel
+    is applied once per output position (not once per patch token), so each counts
+    params x positions. Found by running one image through the stem with hooks."""
+    convs = [(name, m) for name, m in vit.patch_embed.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    positions = {}
+    hooks = [m.register_forward_hook(lambda m, i, out, name=name: positions.update({name: out[0, 0].numel()}))
+             for name, m in convs]
+    with torch.no_grad():
+        vit.patch_embed(torch.zeros(1, 3, vit.cfg.image_size, vit.cfg.image_size, device=vit.pos_emb.device))
+    for h in hooks:
+        h.remove()
+    return [(name, count_parameters(m), positions[name]) for name, m in convs]
+
+
+def vision_towers(vit, k):
+    """The ViT as towers: each stem convolution over its output positions, and everything
+    else (blocks, norms, positions, CLS; BatchNorm's few numbers too) over the N + CLS tokens."""
+    v, stem = vit.cfg, stem_convolutions(vit)
+    rest = count_parameters(vit) - sum(params for _, params, _ in stem)
+    return ([Tower(f"vision.stem.{name}", params, positions, k) for name, params, positions in stem]
+            + [Tower("vision", rest, v.num_patches + v.use_cls, k, v.depth, v.width)])
+
+
 def vlm_towers(model, seq_len, trained, with_images=True):
-    """The VLM's towers: vision (patches + CLS), projector (image tokens), LLM (the sequence)."""
-    v, lm = model.cfg.vision, model.cfg.llm
-    parts = [("vision", model.vision, v.num_patches + v.use_cls, v.depth, v.width),
+    """The VLM's towers: vision (its stem, then patches + CLS), projector (image tokens), LLM (the sequence)."""
+    lm = model.cfg.llm
+    parts = [("vision", model.vision, None, 0, 0),
              ("projector", model.projector, model.num_image_tokens, 0, 0),
              ("llm", model.llm, seq_len, lm.n_layers, lm.n_heads * lm.head_dim)]
     if not with_images:  # text only: the ViT and projector never run
         parts = parts[2:]
     ks = multipliers([any(m is module for m in trained) for _, module, *_ in parts])
-    return [Tower(name, count_parameters(module), tokens, k, layers, width)
-            for (name, module, tokens, layers, width), k in zip(parts, ks)]
+    towers = []
+    for (name, module, tokens, layers, width), k in zip(parts, ks):
+        towers += (vision_towers(module, k) if name == "vision"
+                   else [Tower(name, count_parameters(module), tokens, k, layers, width)])
+    return towers
 
 
 def clip_towers(model, text_len):
-    """CLIP, everything trained: the ViT over patches (+ CLS), the text tower over the text,
-    and the two projections once per sample."""
-    v = model.cfg.vit
+    """CLIP, everything trained: the ViT (its stem, then patches + CLS), the text tower over
+    the text, and the two projections once per sample."""
     heads = count_parameters(model.image_projection) + count_parameters(model.text_projection) + 1
-    return [Tower("vision", count_parameters(model.visual), v.num_patches + v.use_cls, 6, v.depth, v.width),
-            Tower("text", count_parameters(model.text), text_len, 6, model.cfg.text_depth, model.cfg.text_width),
-            Tower("heads", heads, 1, 6)]
+    return vision_towers(model.visual, 6) + [
+        Tower("text", count_parameters(model.text), text_len, 6, model.cfg.text_depth, model.cfg.text_width),
+        Tower("heads", heads, 1, 6)]
 
 
 # ----------------------------------------------------------------------------- timing

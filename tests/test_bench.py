@@ -7,7 +7,7 @@ import math
 
 import bench
 from model import VLM, VLMConfig, LLMConfig
-from vit import ViTConfig
+from vit import ViT, ViTConfig
 
 
 def test_flops_match_a_hand_count():
@@ -26,19 +26,36 @@ def test_flops_match_a_hand_count():
 
     everything = [model.vision, model.projector, model.llm]
     towers = bench.vlm_towers(model, T, everything)
-    assert [(t.params, t.tokens, t.k) for t in towers] == [(vit, 17, 6), (projector, 4, 6), (lm, T, 6)]
-    assert bench.model_flops(towers, B) == 6 * B * (vit * 17 + projector * 4 + lm * T)
+    patch = 3 * 4 * 4 * 8 + 8  # the patch convolution runs once per patch (16), not per token (17)
+    assert [(t.params, t.tokens, t.k) for t in towers] == [(patch, 16, 6), (vit - patch, 17, 6), (projector, 4, 6),
+                                                           (lm, T, 6)]
+    assert bench.model_flops(towers, B) == 6 * B * (patch * 16 + (vit - patch) * 17 + projector * 4 + lm * T)
     # attention, PaLM's 12·L·d·T per token at k = 6: ViT over 17 tokens, LLM over T
     assert bench.attention_flops(towers, B) == B * (12 * 1 * 8 * 17 * 17 + 12 * 1 * 16 * T * T)
 
     # align: ViT frozen and nothing before it trains (forward only), the projector trains,
     # the frozen LLM passes gradients back to it (forward + input gradients, no weight gradients)
     align = bench.vlm_towers(model, T, [model.projector])
-    assert bench.model_flops(align, B) == B * (2 * vit * 17 + 6 * projector * 4 + 4 * lm * T)
+    vit_flops = patch * 16 + (vit - patch) * 17
+    assert bench.model_flops(align, B) == B * (2 * vit_flops + 6 * projector * 4 + 4 * lm * T)
     instruct = bench.vlm_towers(model, T, [model.projector, model.llm])
-    assert bench.model_flops(instruct, B) == B * (2 * vit * 17 + 6 * projector * 4 + 6 * lm * T)
+    assert bench.model_flops(instruct, B) == B * (2 * vit_flops + 6 * projector * 4 + 6 * lm * T)
     text_only = bench.vlm_towers(model, T, [model.llm], with_images=False)
     assert bench.model_flops(text_only, B) == 6 * B * lm * T
+
+
+def test_conv_stem_flops_count_each_convolution_at_its_own_resolution():
+    """A 16x16 image, patch 4, width 8: two 3x3 stride-2 convolutions (3 -> 4 -> 8 channels, no
+    bias: BatchNorm brings it) at 8x8 and 4x4 outputs, then a 1x1 convolution at 4x4. Each
+    kernel runs once per output position, so the stem costs far more than its parameters
+    times the 17 tokens would say."""
+    vit = ViT(ViTConfig(image_size=16, patch_size=4, width=8, depth=1, heads=2, stem="conv"))
+    conv0, conv1, proj = 3 * 3 * 3 * 4, 4 * 3 * 3 * 8, 8 * 8 + 8
+    assert [(p, n) for _, p, n in bench.stem_convolutions(vit)] == [(conv0, 64), (conv1, 16), (proj, 16)]
+    towers = bench.vision_towers(vit, 2)
+    rest = sum(p.numel() for p in vit.parameters()) - conv0 - conv1 - proj  # BatchNorm's 2 x (4 + 8) included
+    assert [(t.params, t.tokens, t.k) for t in towers] == [(conv0, 64, 2), (conv1, 16, 2), (proj, 16, 2), (rest, 17, 2)]
+    assert bench.model_flops(towers, 1) == 2 * (conv0 * 64 + conv1 * 16 + proj * 16 + rest * 17)
 
 
 def test_tiny_run_reports_every_key_consistently(tmp_path):
@@ -67,7 +84,7 @@ def test_tiny_run_reports_every_key_consistently(tmp_path):
     reference = bench.reference_workload(ref, "cpu")
     assert r["train_flops_per_step_reference"] == bench.model_flops(reference.towers, 2)
     assert r["train_tokens_per_sample_reference"] == 12
-    assert r["train_flop_multipliers_align"] == "visionx2 projectorx6 llmx4"
+    assert r["train_flop_multipliers_align"] == "vision.stem.projx2 visionx2 projectorx6 llmx4"
     assert "reference" in bench.format_report(r, (3, 6))
 
 
