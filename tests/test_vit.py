@@ -5,7 +5,9 @@ import pytest
 import torch
 
 import vit
-from vit import PatchEmbed, ViT, ViTConfig, attention
+import torch.nn.functional as F
+
+from vit import ConvStem, PatchEmbed, ViT, ViTConfig, attention
 
 
 def test_patch_embed_conv_equals_unfold_and_hand_patch():
@@ -21,6 +23,38 @@ def test_patch_embed_conv_equals_unfold_and_hand_patch():
     patch = x[:, :, 4 * r:4 * r + 4, 4 * c:4 * c + 4].reshape(2, -1)  # (B, 3*P*P)
     by_hand = patch @ pe.proj.weight.reshape(16, -1).T + pe.proj.bias
     torch.testing.assert_close(out[:, 3 * r + c], by_hand, atol=1e-5, rtol=1e-5)
+
+
+def test_conv_stem_equals_its_convolutions_run_by_hand():
+    """ConvStem on a 32x32 image with P=8: three 3x3 stride-2 convolutions (3 -> 4 -> 8 -> 16
+    channels) each with BatchNorm (eval mode: running statistics, here set to known values)
+    and ReLU, then a 1x1 convolution; tokens in row-major order like PatchEmbed's."""
+    torch.manual_seed(0)
+    stem = ConvStem(patch_size=8, width=16).eval()
+    assert [c.out_channels for c in stem.convs] == [4, 8, 16] and all(c.stride == (2, 2) for c in stem.convs)
+    for norm in stem.norms:  # statistics and affine numbers that are not the identity
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.weight.data.uniform_(0.5, 1.5)
+        norm.bias.data.normal_()
+    x = torch.randn(2, 3, 32, 32)
+    h = x
+    for conv, norm in zip(stem.convs, stem.norms):
+        h = F.conv2d(h, conv.weight, stride=2, padding=1)
+        h = (h - norm.running_mean[:, None, None]) / torch.sqrt(norm.running_var[:, None, None] + norm.eps)
+        h = torch.relu(h * norm.weight[:, None, None] + norm.bias[:, None, None])
+    h = torch.einsum("oc,bchw->bhwo", stem.proj.weight[:, :, 0, 0], h) + stem.proj.bias  # (B, 4, 4, 16)
+    torch.testing.assert_close(stem(x), h.reshape(2, 16, 16), atol=1e-5, rtol=1e-5)
+
+
+def test_conv_stem_gives_the_same_grid_as_the_patch_stem_and_needs_a_power_of_two():
+    for stem in ("patch", "conv"):
+        m = ViT(ViTConfig(image_size=48, patch_size=16, width=32, depth=1, heads=2, stem=stem))
+        assert m(torch.randn(2, 3, 48, 48)).shape == (2, 1 + 9, 32)
+    with pytest.raises(ValueError, match="power of 2"):
+        ViT(ViTConfig(image_size=48, patch_size=12, width=32, depth=1, heads=2, stem="conv"))
+    with pytest.raises(ValueError, match="unknown stem"):
+        ViTConfig(stem="hexagon")
 
 
 @pytest.mark.parametrize("causal", [False, True])
