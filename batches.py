@@ -139,7 +139,7 @@ def clip_batch(cfg, tok, step, micro, share=None):
     return {"images": images, "ids": clip_tokenize(tok, [texts[i] for i in share], cfg.context_length)}
 
 
-def instruct_turns(scene, rng, n_turns, types=(), conversation_share=0.2):
+def instruct_turns(scene, rng, n_turns, types=()):
     """Several answers per image per forward pass: n_turns questions of the scene (every
     type, and a POPE-style probe with any kind of negative) in a random order, or one of
     LLaVA's conversation types (QA, detailed description, reasoning). With `types`, a
@@ -148,12 +148,24 @@ def instruct_turns(scene, rng, n_turns, types=(), conversation_share=0.2):
         asked = shapes.questions(scene, rng)
         turns = [(q, a) for t, q, a in asked if t in types] or [(q, a) for _, q, a in asked]
         return rng.sample(turns, min(n_turns, len(turns)))
-    if rng.random() >= conversation_share:
+    if rng.random() < 0.8:
         turns = [(q, a) for _, q, a in shapes.questions(scene, rng)]
         kind = rng.choice(shapes.POPE_KINDS)
         turns.append(shapes.pope_question(scene, kind, rng, answer_yes=rng.random() < 0.5))
         return rng.sample(turns, min(n_turns, len(turns)))
     return shapes.conversation(scene, rng)
+
+
+def lm_turns(scene, rng, cfg):
+    """The lm stage's text about a scene: a conversation (instruct_turns), then a caption, with
+    no image. With cfg.lm_context the scene comes in words where its image will later be
+    (shapes.describe, before the first question), so the LLM learns to answer by reading its
+    context: the skill a pretrained LLM brings to LLaVA, which leaves the projector only the
+    job of making the picture readable. Without it, the answers can only come from the prior."""
+    turns = instruct_turns(scene, rng, cfg.instruct_turns) + [("Describe the image.", shapes.caption(scene, rng))]
+    if cfg.lm_context:
+        turns[0] = (shapes.describe(scene) + "\n" + turns[0][0], turns[0][1])
+    return turns
 
 
 def vlm_batch(cfg, tok, stage, step, micro, image_tokens, batch_size, split="train", share=None):
@@ -163,13 +175,9 @@ def vlm_batch(cfg, tok, stage, step, micro, image_tokens, batch_size, split="tra
     world, samples = world_config(cfg), []
     for i in range(batch_size) if share is None else share:
         index, rng = scene_rng(cfg, stage, step, micro, i)
-        single = stage == "instruct" and step < cfg.curriculum_steps
-        scene = shapes.make_scene(split, index, world, n_objects=1 if single else None)
+        scene = shapes.make_scene(split, index, world)
         if stage == "lm":
-            turns = instruct_turns(scene, rng, cfg.instruct_turns) + [("Describe the image.", shapes.caption(scene, rng))]
-            if cfg.lm_context:  # the scene in words where the image will be: the LLM learns to read its context
-                turns[0] = (shapes.describe(scene) + "\n" + turns[0][0], turns[0][1])
-            sample = fit_turns(tok, [], turns, image_tokens, cfg)
+            sample = fit_turns(tok, [], lm_turns(scene, rng, cfg), image_tokens, cfg)
             sample["labels"] = list(sample["input_ids"])  # language modelling: every token is a target
             samples.append(sample)
         elif stage == "align":
@@ -180,7 +188,7 @@ def vlm_batch(cfg, tok, stage, step, micro, image_tokens, batch_size, split="tra
             turns = [(q, a) for _, q, a in rng.sample(questions, len(questions))]
             samples.append(fit_turns(tok, [first, second], turns, image_tokens, cfg))
         else:
-            turns = instruct_turns(scene, rng, cfg.instruct_turns, focus_types(cfg), cfg.conversation_share)
+            turns = instruct_turns(scene, rng, cfg.instruct_turns, focus_types(cfg))
             samples.append(fit_turns(tok, [scene], turns, image_tokens, cfg))
     for s in samples:  # only a first turn longer than the context is still cut
         s["input_ids"], s["labels"] = s["input_ids"][: cfg.max_seq_len], s["labels"][: cfg.max_seq_len]

@@ -181,7 +181,7 @@ def vision_towers(vit, k):
     else (blocks, norms, positions, CLS; BatchNorm's few numbers too) over the N + CLS tokens."""
     v, stem = vit.cfg, stem_convolutions(vit)
     rest = count_parameters(vit) - sum(params for _, params, _ in stem)
-    return ([Tower(f"vision.stem.{name}", params, positions, k) for name, params, positions in stem]
+    return ([Tower("vision", params, positions, k) for _, params, positions in stem]  # (one per convolution)
             + [Tower("vision", rest, v.num_patches + v.use_cls, k, v.depth, v.width)])
 
 
@@ -290,7 +290,7 @@ def measure_training(w, cfg, device, dtype, bench, peak, vendor):
            f"train_attention_flops_per_step_{n}": attention_flops(w.towers, w.batch_size),
            f"train_flops_per_s_{n}": flops / seconds,
            f"train_mfu_{n}": flops / seconds / peak,
-           f"train_flop_multipliers_{n}": " ".join(f"{t.name}x{t.k}" for t in w.towers),
+           f"train_flop_multipliers_{n}": " ".join(dict.fromkeys(f"{t.name}x{t.k}" for t in w.towers)),
            f"peak_memory_bytes_{n}": peak_memory(device)}
     if vendor:
         out[f"train_mfu_vendor_{n}"] = flops / seconds / vendor

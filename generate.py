@@ -74,10 +74,17 @@ PRESETS = {
 }
 
 
+# Config fields added after checkpoints were first written, with the value every checkpoint
+# older than the field was trained with (today's default may differ): such a checkpoint
+# rebuilds as what it was, a ViT with the patch stem.
+BEFORE_FIELD = {"vit_stem": "patch"}
+
+
 def run_config(ckpt):
-    """The train.Config a checkpoint was written with (fields this train.py no longer has are dropped)."""
+    """The train.Config a checkpoint was written with (fields this train.py no longer has are
+    dropped; fields it did not have yet take their BEFORE_FIELD value)."""
     known = {f.name for f in fields(train.Config)}
-    return train.Config(**{k: v for k, v in ckpt["config"].items() if k in known})
+    return train.Config(**{**BEFORE_FIELD, **{k: v for k, v in ckpt["config"].items() if k in known}})
 
 
 def load_vlm(path, device="cpu"):

@@ -195,17 +195,7 @@ class ResamplerProjector(Projector):
 # -----------------------------------------------------------------------------
 
 
-def make_projector(kind, d_vision, d_lm, grid, shuffle_factor=2, n_queries=16):
-    import os
-    p = _make_projector(kind, d_vision, d_lm, grid, shuffle_factor, n_queries)
-    if os.environ.get("IMAGE_POS") == "1":
-        p.pos_emb = nn.Parameter(float(os.environ.get("IMAGE_POS_STD", "0.02")) * torch.randn(p.num_tokens(), d_lm))
-        inner = p.forward
-        p.forward = lambda x: inner(x) + p.pos_emb
-    return p
-
-
-def _make_projector(kind: str, d_vision: int, d_lm: int, grid: int, shuffle_factor: int = 2,
+def make_projector(kind: str, d_vision: int, d_lm: int, grid: int, shuffle_factor: int = 2,
                    n_queries: int = 16) -> Projector:
     """Build the projector named `kind`; one branch per kind, so a new one is one more `if`."""
     if kind == "linear":

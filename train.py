@@ -64,9 +64,9 @@ class Config:
     compile: bool = False         # torch.compile the model for training (worth it on a GPU, after ~1 min of compiling)
     data_workers: int = -1        # processes building batches ahead of the step; -1: 2 on CUDA, 0 (in the loop) on CPU
     # the shapes world
-    image_size: int = 64                  # the encoder's input side: every image (or tile) is squashed to it
+    image_size: int = 48                  # the encoder's input side: every image (or tile) is squashed to it
     max_objects: int = 3
-    world_size: int = 0                   # the world's canvas side; 0: image_size (a larger one is downscaled,
+    world_size: int = 64                  # the world's canvas side; 0: image_size (a larger one is downscaled,
                                           # or tiled with tile_grids)
     object_scale: float = 1.0             # < 1: smaller shapes (a high-resolution world of small objects)
     # your own data instead of the shapes world: LLaVA JSON / JSONL (README "Train on your own data")
@@ -81,8 +81,8 @@ class Config:
     vocab_size: int = 512
     tokenizer_scenes: int = 2000
     # vision tower (ViT) and CLIP's text tower
-    patch_size: int = 8
-    vit_stem: str = "patch"
+    patch_size: int = 16                  # 48 / 16: a 3x3 grid of patches, one per region of the world
+    vit_stem: str = "conv"                # patch (one linear map per patch, the ViT paper's) | conv (vit.ConvStem)
     vit_width: int = 128
     vit_depth: int = 4
     vit_heads: int = 4
@@ -111,13 +111,13 @@ class Config:
     lm_steps: int = 60
     lm_batch_size: int = 32
     lm_lr: float = 2e-3
-    lm_context: bool = False
+    lm_context: bool = True               # the scene in words before the questions: the LLM learns to read its context
     # VLM: how vision meets language
     projector: str = "mlp"                # linear | mlp | pixel_shuffle | resampler
     tile_grids: str = ""                  # any-res tiling: allowed grids "RxC,..." (e.g. "1x2,2x1,2x2"), up to 4x4;
                                           # "": one squashed view per image
     resampler_queries: int = 16           # projector=resampler: learned queries = visual tokens per image
-    shuffle_factor: int = 2
+    shuffle_factor: int = 2               # projector=pixel_shuffle: s x s patches fold into one visual token
     vision_layer: int = -1                # which ViT block's hidden states feed the projector
     # stage align (LLaVA stage 1)
     align_steps: int = 100
@@ -131,8 +131,6 @@ class Config:
     instruct_vision_lr: float = 0.0       # the ViT: 0 keeps it frozen, as LLaVA does
     instruct_turns: int = 4               # questions per conversation: answers per image per forward pass
     loss_per_answer: bool = False         # align/instruct: each answer weighs the same, not each token
-    conversation_share: float = 0.2       # instruct: share of samples that are LLaVA conversations
-    curriculum_steps: int = 0             # instruct: the first steps see one-object scenes only
     two_image_share: float = 0.0          # instruct: share of samples that are two-image conversations
     question_types: str = ""              # instruct and VQA evaluation: only these shapes.QUESTION_TYPES,
                                           # comma-separated (e.g. "colour,shape"); "": all, POPE and conversations

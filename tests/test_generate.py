@@ -20,6 +20,7 @@ import shapes
 import train
 from checkpoint import load_checkpoint, save_checkpoint
 from flags import ConfigError
+from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -219,3 +220,20 @@ def test_progress_is_one_line_on_a_terminal_and_a_line_per_10_seconds_in_a_log()
     assert terminal.getvalue() == ("\ranswered 1/3 | 1.0 questions/s\ranswered 2/3 | 1.0 questions/s"
                                    "\ranswered 3/3 | 0.8 questions/s\n")
 
+
+
+def test_a_checkpoint_from_before_the_stem_field_rebuilds_with_the_patch_stem(ckpt, tmp_path):
+    """Checkpoints written before Config.vit_stem existed hold no such key; they had the patch
+    stem, whatever today's default is, and must load as that (strictly, every weight)."""
+    from model import VLM
+    from vit import ConvStem, PatchEmbed
+    saved = load_checkpoint(str(ckpt / "instruct.pt"))
+    cfg = generate.run_config(saved)
+    cfg.vit_stem = "patch"
+    tok = Tokenizer.from_state(saved["tokenizer"])
+    model = VLM(train.vlm_config(cfg, tok))
+    old = dict(saved, config={k: v for k, v in vars(cfg).items() if k != "vit_stem"}, model=model.state_dict())
+    save_checkpoint(str(tmp_path / "instruct.pt"), old)
+    loaded, _, loaded_cfg = generate.load_vlm(str(tmp_path / "instruct.pt"))
+    assert loaded_cfg.vit_stem == "patch" and isinstance(loaded.vision.patch_embed, PatchEmbed)
+    assert train.Config().vit_stem == "conv" and isinstance(VLM(train.vlm_config(train.Config(), tok)).vision.patch_embed, ConvStem)
