@@ -108,8 +108,8 @@ class Config:
     llm_ffn_hidden: int = 512
     max_seq_len: int = 256
     # stage lm
-    lm_steps: int = 60
-    lm_batch_size: int = 32
+    lm_steps: int = 300
+    lm_batch_size: int = 16
     lm_lr: float = 2e-3
     lm_context: bool = True               # the scene in words before the questions: the LLM learns to read its context
     # VLM: how vision meets language
@@ -120,11 +120,11 @@ class Config:
     shuffle_factor: int = 2               # projector=pixel_shuffle: s x s patches fold into one visual token
     vision_layer: int = -1                # which ViT block's hidden states feed the projector
     # stage align (LLaVA stage 1)
-    align_steps: int = 100
+    align_steps: int = 300
     align_batch_size: int = 32
     align_lr: float = 2e-3
     # stage instruct (LLaVA stage 2): per-module learning rates
-    instruct_steps: int = 500
+    instruct_steps: int = 1000
     instruct_batch_size: int = 16
     instruct_lr: float = 1e-3             # the LLM
     instruct_projector_lr: float = 2e-3   # the projector
@@ -165,17 +165,15 @@ PRESETS = {
         eval_clip_scenes=100, eval_retrieval=50, eval_questions=100, eval_pope=40,
         eval_grounding=20, eval_captions=20, eval_batch_size=50,
     ),
-    # One 16 GB GPU, sized for a Colab T4 (about 15 minutes: the estimate is in the README).
-    # 128x128 scenes cut into 8x8 patches (256 per image), pixel shuffle back down to 64 image
-    # tokens, and towers 2-4x wider and deeper than the CPU default.
+    # One 16 GB GPU, sized for a Colab T4 (the README's time is an estimate until run on one).
+    # The CPU default's recipe (48x48 input, 16x16 patches through the conv stem: the 3x3 regions,
+    # one visual token each), with towers 2x wider and deeper and about 4x the steps.
     "colab": dict(
-        image_size=128, vit_width=256, vit_depth=6, vit_heads=8,
-        text_width=256, text_depth=4, text_heads=8, embed_dim=256,
+        vit_width=256, vit_depth=6, vit_heads=8, text_width=256, text_depth=4, text_heads=8, embed_dim=256,
         clip_steps=3000, clip_batch_size=128, clip_lr=5e-4,
         llm_dim=384, llm_layers=6, llm_heads=6, llm_kv_heads=6, llm_ffn_hidden=1024,
-        lm_steps=300, lm_batch_size=64, lm_lr=1e-3,
-        projector="pixel_shuffle", align_steps=400, align_batch_size=64, align_lr=1e-3,
-        instruct_steps=2500, instruct_batch_size=32, instruct_lr=5e-4, instruct_projector_lr=1e-3,
+        lm_steps=1000, lm_batch_size=32, lm_lr=1e-3, align_steps=1000, align_batch_size=64, align_lr=1e-3,
+        instruct_steps=4000, instruct_batch_size=32, instruct_lr=5e-4, instruct_projector_lr=1e-3,
         log_every=100,
     ),
 }
