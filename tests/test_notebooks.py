@@ -94,7 +94,7 @@ def test_notebook_runs_in_quick_mode(path, quick_run):
 
 def printed_checks(text):
     """The name=value lines a notebook prints for its tests (e.g. rope_vs_complex_max_abs_diff=2.8e-07)."""
-    return dict(re.findall(r"^([a-z][a-z0-9_]*)=(\S+)", text, re.M))
+    return dict(re.findall(r"^([A-Za-z]\w*)=(\S+)", text, re.M))
 
 
 def assert_llm_checks(values):
