@@ -16,7 +16,7 @@ In one process it measures
     itself (forward, backward, grad clipping, AdamW) on a fixed synthetic batch of the shape
     that stage's real batches have: seconds per step (median), samples/s, tokens/s,
     achieved FLOP/s and MFU (model FLOPs utilisation) against the peak above;
-  - the data pipeline: seconds to build one real batch (train.clip_batch / train.vlm_batch,
+  - the data pipeline: seconds to build one real batch (batches.clip_batch / batches.vlm_batch,
     the shapes world rendered on the fly) and scenes per second, beside the step time;
   - generation with VLM.generate with and without the KV cache at 16, 64 and 256 new
     tokens: tokens/s, speedup, and whether both give the same tokens;
@@ -61,10 +61,14 @@ from dataclasses import dataclass
 
 import torch
 
+import batches
 import data
+import distributed
 import train
 from clip import CLIP
+from flags import ConfigError, parse_flags
 from model import LLMConfig, VLM, VLMConfig, count_parameters
+from tokenizer import Tokenizer, train_bpe
 from vit import ViTConfig
 
 GEN_LENGTHS = (16, 64, 256)  # new tokens per generation run
@@ -225,11 +229,11 @@ def step_seconds(w, cfg, device, dtype, steps):
 
     params = [p for m in w.trained for p in m.parameters()]
     trained = {id(p) for p in params}
-    for p in w.model.parameters():  # frozen towers get no gradient at all, as in train.stage_vlm
+    for p in w.model.parameters():  # frozen towers get no gradient at all, as in train.train_stage
         p.requires_grad_(id(p) in trained)
     with contextlib.redirect_stdout(io.StringIO()):  # train_loop logs its first and last step
-        train.train_loop(w.name, w.model, [(params, 1e-4)], get_batch, w.loss_fn, steps, w.batch_size,
-                         cfg, device, dtype)
+        train.train_loop(w.model, get_batch, w.loss_fn, name=w.name, groups=[(params, 1e-4)], steps=steps,
+                         batch_size=w.batch_size, cfg=cfg, device=device, dtype=dtype)
     sync(device)
     starts.append(time.perf_counter())
     return [b - a for a, b in zip(starts, starts[1:])]
@@ -327,7 +331,7 @@ def stage_workload(stage, cfg, tok, real, device):
     T, with_images = real["input_ids"].size(1), stage != "lm"
     batch = synthetic_vlm_batch(B, T, model.num_image_tokens, n_text_ids, tok.image_id, cfg.image_size,
                                 device, with_images)
-    # what each stage trains, as in train.stage_vlm
+    # what each stage trains (train.STAGES), input to output
     trained = {"lm": [model.llm], "align": [model.projector], "instruct": [model.projector, model.llm]}[stage]
     return Workload(stage, model, trained, batch, vlm_loss, vlm_towers(model, T, trained, with_images), B, T)
 
@@ -339,9 +343,9 @@ def time_data(stage, cfg, tok, n_batches, image_tokens):
     for step in range(n_batches):
         t0 = time.perf_counter()
         if stage == "clip":
-            batch = train.clip_batch(cfg, tok, step, 0)
+            batch = batches.clip_batch(cfg, tok, step, 0)
         else:
-            batch = train.vlm_batch(cfg, tok, stage, step, 0, image_tokens, getattr(cfg, f"{stage}_batch_size"))
+            batch = batches.vlm_batch(cfg, tok, stage, step, 0, image_tokens, getattr(cfg, f"{stage}_batch_size"))
         times.append(time.perf_counter() - t0)
         first = first or batch
     return statistics.median(times), first
@@ -403,7 +407,7 @@ def measure_generation(ref, lengths, device, autocast):
 
 def preset_tokenizer(cfg):
     """The preset's tokenizer, trained as train.py trains it, and the VLM's visual tokens per image."""
-    tok = data.Tokenizer(data.train_bpe(train.world_texts(cfg), cfg.vocab_size))
+    tok = Tokenizer(train_bpe(batches.world_texts(cfg), cfg.vocab_size))
     return tok, VLM(train.vlm_config(cfg, tok)).num_image_tokens
 
 
@@ -412,7 +416,7 @@ def run(bench, ref=None, gen_lengths=GEN_LENGTHS):
     ref = ref or Reference()
     # the timed loop marks a step where train_loop asks for its batch: build batches in the loop
     cfg = train.Config(**dict(train.PRESETS[bench.config], device=bench.device, data_workers=0))
-    device, dtype = train.pick_device(cfg)
+    device, dtype = distributed.pick_device(cfg)
     torch.manual_seed(0)
     size = bench.matmul_size or (2048 if device == "cpu" else 8192)
     peak, vendor = matmul_peak(device, dtype, size), vendor_peak(device)
@@ -493,7 +497,7 @@ def format_report(r, gen_lengths=GEN_LENGTHS):
              f"{'model':<10}{'batch':>6}{'tok/smp':>8}{'step s':>8}{'smp/s':>8}{'tok/s':>8}{'GFLOP':>8}"
              f"{'GFLOP/s':>9}{'MFU':>6}{'attn GF':>8}{'data s':>8}{'scn/s':>7}{'data%':>6}{'mem MB':>8}"
              "  FLOPs: tower x k"]
-    for n in ("reference",) + train.STAGES:
+    for n in ("reference", *train.STAGES):
         if n == "reference":
             data_cols = f"{'-':>8}{'-':>7}{'-':>6}"
         else:
@@ -526,7 +530,7 @@ def format_report(r, gen_lengths=GEN_LENGTHS):
 
 def parse_args(argv):
     """--config=NAME picks train.py's preset for the stages; the other flags are BenchConfig's."""
-    return train.parse_flags(BenchConfig, argv, {name: {"config": name} for name in train.PRESETS})
+    return parse_flags(BenchConfig, argv, {name: {"config": name} for name in train.PRESETS})
 
 
 def main(argv):
@@ -544,6 +548,6 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except train.ConfigError as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

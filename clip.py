@@ -114,12 +114,19 @@ class CLIP(nn.Module):
         x = self.text(ids)  # (B, W)
         return F.normalize(self.text_projection(x), dim=-1)  # (B, E), unit length
 
-    def forward(self, images, ids):
+    def forward(self, images, ids, gather=None):
         """images (B, 3, S, S), ids (B, L); pair i is (images[i], ids[i]).
+        gather: under torchrun, distributed.gather_rows: the pairs of every rank join the batch,
+        which becomes the global batch of N·B pairs (the other ranks' rows carry no gradient).
         Returns (loss, logits_per_image (B, B)); logits_per_text is its transpose."""
         image_emb = self.encode_image(images)  # (B, E)
         text_emb = self.encode_text(ids)  # (B, E)
-        logits_per_image = self.scale() * image_emb @ text_emb.T  # (B, B), cosine / temperature
+        # the temperature goes into the image rows before they are gathered, so that under
+        # torchrun its gradient too flows only through this rank's own rows
+        scaled_emb = self.scale() * image_emb  # (B, E)
+        if gather is not None:
+            scaled_emb, text_emb = gather(scaled_emb), gather(text_emb)  # (N·B, E) each
+        logits_per_image = scaled_emb @ text_emb.T  # (B, B), (N·B, N·B) gathered; cosine / temperature
         return clip_loss(logits_per_image), logits_per_image
 
 

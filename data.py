@@ -1,200 +1,29 @@
 """
-data.py — everything between raw data and the model's tensors: the tokenizer, the
-chat template, image loading and preprocessing, and the batch collator.
+data.py — everything between an image or a conversation and the model's tensors: the chat
+template and its labels, image loading and preprocessing (any-res tiling included), and the
+batch collator.
 
-Tokenizer: a byte-level BPE trained here from the training text (Sennrich et al.,
-"Neural Machine Translation of Rare Words with Subword Units", 2016, arXiv:1508.07909),
-on raw UTF-8 bytes with the GPT-2 pre-tokenisation regex (Radford et al., "Language
-Models are Unsupervised Multitask Learners", 2019), so any string encodes with no
-unknown token. `tiktoken` does the encoding; we only supply its ranks.
 Chat template: ChatML-style turns with LLaVA's `<image>` marker (Liu et al., "Visual
 Instruction Tuning", 2023, arXiv:2304.08485); only the assistant's answers carry labels.
-
-Your own data: LLaVA's conversation JSON (a list) or JSONL, checked row by row; a row that
-cannot be used is skipped and counted by reason, never a crash mid-run (DESIGN.md "User data").
+Any-res tiling: LLaVA-NeXT ("LLaVA-NeXT: Improved reasoning, OCR, and world knowledge",
+Liu et al. 2024) and nanoVLM. The tokenizer itself is tokenizer.py; LLaVA JSON files,
+your own data, are user_data.py.
 
 Shape legend: B batch, T tokens, n images in a batch, S image side in pixels.
 Run the tests: python -m pytest -q tests/test_data.py
 """
-import collections
-import heapq
 import io
-import json
-import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import regex
-import tiktoken
 import torch
 from PIL import Image
 
-# GPT-2's split pattern, exactly tiktoken's `gpt2` pat_str: contractions, runs of letters,
-# runs of digits, runs of other symbols (each with one optional leading space), whitespace.
-# BPE never merges across these chunks, so " the" and "the." never share a token.
-GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>", "<|image|>",
-                  "<global_image>"] + [f"<row_{i}_col_{j}>" for i in range(1, 5) for j in range(1, 5)]
 IMAGE_MARKER = "<image>"   # what people write in a prompt (LLaVA's convention)
 IGNORE_INDEX = -100        # label of positions without loss (F.cross_entropy's default)
 MEAN = (0.5, 0.5, 0.5)     # per-channel normalisation: [0, 1] -> [-1, 1]
 STD = (0.5, 0.5, 0.5)
-
-# ----------------------------------------------------------------------------- tokenizer
-
-
-def _merge(symbols, pair):
-    """Replace every non-overlapping occurrence of `pair`, left to right, by its concatenation."""
-    out, k = [], 0
-    while k < len(symbols):
-        if k + 1 < len(symbols) and (symbols[k], symbols[k + 1]) == pair:
-            out.append(symbols[k] + symbols[k + 1])
-            k += 2
-        else:
-            out.append(symbols[k])
-            k += 1
-    return out
-
-
-def train_bpe(texts, vocab_size):
-    """Learn byte-level BPE ranks: {token bytes: rank}, the 256 single bytes first.
-
-    Each merge joins the most frequent adjacent pair of tokens (ties: the lexicographically
-    smallest pair) and gets the next rank. Stops at vocab_size - len(SPECIAL_TOKENS) ranks or
-    when no pair occurs twice. Works on unique chunks, updating pair counts incrementally
-    (tests/test_data.py checks it against a naive version that recounts everything per merge).
-    """
-    n_ranks = vocab_size - len(SPECIAL_TOKENS)
-    if n_ranks < 256:
-        raise ValueError(f"vocab_size must be >= {256 + len(SPECIAL_TOKENS)} "
-                         f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens), got {vocab_size}")
-    # A sentence set repeats the same words thousands of times: count each chunk once.
-    pattern = regex.compile(GPT2_SPLIT_PATTERN)
-    chunk_counts = collections.Counter(c for text in texts for c in pattern.findall(text))
-    words = [[bytes([b]) for b in chunk.encode("utf-8")] for chunk in chunk_counts]
-    freqs = list(chunk_counts.values())
-    ranks = {bytes([b]): b for b in range(256)}
-    # pair -> total frequency, and pair -> which words contain it (so a merge touches only those).
-    pair_counts, where = collections.Counter(), collections.defaultdict(set)
-    for i, word in enumerate(words):
-        for pair in zip(word, word[1:]):
-            pair_counts[pair] += freqs[i]
-            where[pair].add(i)
-    # A max-heap of (-count, pair) finds the best pair without scanning every pair each merge;
-    # ties pop the smallest pair. Counts change as words merge, so an entry whose count is no
-    # longer the pair's current count is stale and skipped (the change pushed a fresh entry).
-    heap = [(-count, pair) for pair, count in pair_counts.items()]
-    heapq.heapify(heap)
-    while len(ranks) < n_ranks and heap:
-        neg_count, best = heapq.heappop(heap)
-        if pair_counts.get(best) != -neg_count:
-            continue
-        if -neg_count < 2:
-            break
-        changed = set()
-        for i in list(where[best]):
-            old, new = words[i], _merge(words[i], best)
-            for pair in zip(old, old[1:]):
-                pair_counts[pair] -= freqs[i]
-                where[pair].discard(i)
-            for pair in zip(new, new[1:]):
-                pair_counts[pair] += freqs[i]
-                where[pair].add(i)
-            changed.update(zip(old, old[1:]), zip(new, new[1:]))
-            words[i] = new
-        for pair in changed:
-            if pair_counts[pair] > 0:
-                heapq.heappush(heap, (-pair_counts[pair], pair))
-            else:
-                del pair_counts[pair], where[pair]
-        # Two merge paths can spell the same bytes ("a"+"bc", "ab"+"c"): one rank per token.
-        ranks.setdefault(best[0] + best[1], len(ranks))
-    return ranks
-
-
-class Tokenizer:
-    """BPE ranks served by tiktoken, with SPECIAL_TOKENS given the ids right after the ranks."""
-
-    def __init__(self, ranks):
-        if sorted(ranks.values()) != list(range(len(ranks))):
-            raise ValueError("tokenizer ranks must be exactly 0 .. len(ranks) - 1")
-        if any(bytes([b]) not in ranks for b in range(256)):
-            raise ValueError("tokenizer ranks must contain all 256 single bytes (the byte fallback)")
-        self.ranks = ranks
-        self.special_ids = {s: len(ranks) + k for k, s in enumerate(SPECIAL_TOKENS)}
-        self.enc = tiktoken.Encoding(name="tinyvlm", pat_str=GPT2_SPLIT_PATTERN,
-                                     mergeable_ranks=ranks, special_tokens=self.special_ids)
-        self.vocab_size = len(ranks) + len(SPECIAL_TOKENS)
-        self.eot_id = self.special_ids["<|endoftext|>"]
-        self.pad_id = self.special_ids["<|pad|>"]
-        self.im_start_id = self.special_ids["<|im_start|>"]
-        self.im_end_id = self.special_ids["<|im_end|>"]
-        self.image_id = self.special_ids["<|image|>"]
-        self.global_image_id = self.special_ids["<global_image>"]
-
-    def row_col_id(self, i, j):
-        """Id of <row_i_col_j>, the tag before tile (i, j) of a tiled image (1-based, up to 4x4)."""
-        return self.special_ids[f"<row_{i}_col_{j}>"]
-
-    def encode(self, text):
-        # encode_ordinary: a user who types "<|im_end|>" gets those characters as plain text,
-        # never the control token — otherwise text could forge turns of the chat template.
-        return self.enc.encode_ordinary(text)
-
-    def decode(self, ids):
-        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
-        return self.enc.decode(ids, errors="replace")   # a cut multi-byte character -> U+FFFD
-
-    def state(self):
-        """The ranks as tensors, which torch.load(weights_only=True) accepts in a checkpoint."""
-        tokens = sorted(self.ranks, key=self.ranks.get)   # token bytes in rank order
-        return {"ranks": {"token_bytes": torch.tensor(list(b"".join(tokens)), dtype=torch.uint8),
-                          "token_lengths": torch.tensor([len(t) for t in tokens], dtype=torch.int64)},
-                "special_tokens": list(SPECIAL_TOKENS)}
-
-    def save(self, path):
-        """A readable tokenizer.json: the tokens in rank order, each byte shown as the one
-        Latin-1 character of the same number (so " circle" reads as itself), written atomically."""
-        tokens = sorted(self.ranks, key=self.ranks.get)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"special_tokens": list(SPECIAL_TOKENS), "tokens": [t.decode("latin-1") for t in tokens]},
-                      f, indent=0)
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path):
-        with open(path) as f:
-            saved = json.load(f)
-        if saved.get("special_tokens") != SPECIAL_TOKENS:
-            raise ValueError("its special tokens differ from this data.py's")
-        return cls({t.encode("latin-1"): rank for rank, t in enumerate(saved["tokens"])})
-
-    @classmethod
-    def from_state(cls, state):
-        if state.get("special_tokens", SPECIAL_TOKENS) != SPECIAL_TOKENS:
-            raise ValueError("checkpoint tokenizer has different special tokens than this data.py")
-        blob = state["ranks"]["token_bytes"].numpy().tobytes()   # all tokens' bytes, end to end
-        ranks, start = {}, 0
-        for rank, length in enumerate(state["ranks"]["token_lengths"].tolist()):
-            ranks[blob[start:start + length]] = rank
-            start += length
-        return cls(ranks)
-
-    @classmethod
-    def gpt2(cls):
-        """GPT-2's ranks with our specials right after them, so <|endoftext|> keeps GPT-2's own id."""
-        try:
-            enc = tiktoken.get_encoding("gpt2")
-        except Exception as e:
-            raise RuntimeError(f"tokenizer gpt2 needs tiktoken's GPT-2 files from the network "
-                               f"(or a TIKTOKEN_CACHE_DIR copy); loading failed: {type(e).__name__}") from e
-        gpt2_specials = {enc.encode_single_token(s) for s in enc.special_tokens_set}
-        ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i not in gpt2_specials}
-        return cls(ranks)
-
 
 # ----------------------------------------------------------------------------- chat template
 
@@ -249,7 +78,7 @@ def _user_content(tok, text, blocks):
 
 
 def encode_chat(tok, messages, image_tokens, system=None):
-    """Token ids and labels of a conversation in the chat template (see DESIGN.md).
+    """Token ids and labels of a conversation in the chat template.
 
     Pieces are encoded separately and concatenated, so a label boundary is always a token
     boundary. Labels: the ids of each assistant answer and its <|im_end|> (the model must
@@ -290,6 +119,12 @@ def encode_prompt(tok, messages, image_tokens, system=None):
         raise ValueError("a generation prompt must end with a user message")
     ids, _ = encode_chat(tok, messages, image_tokens, system)
     return ids + [tok.im_start_id] + tok.encode("assistant\n")
+
+
+def question(text, n_images=1):
+    """A one-turn conversation about n_images images: LLaVA puts the image before the question;
+    several images come one per line, in order."""
+    return [{"role": "user", "content": "\n".join([IMAGE_MARKER] * n_images + [text])}]
 
 
 # ----------------------------------------------------------------------------- images
@@ -452,156 +287,6 @@ def to_pil(x):
     x = (x.detach().float().cpu() * std + mean).clamp(0, 1)                  # (3, H, W) in [0, 1]
     pixels = (x * 255).round().to(torch.uint8).permute(1, 2, 0)             # (H, W, 3)
     return Image.fromarray(pixels.numpy(), "RGB")
-
-
-# ----------------------------------------------------------------------------- your own data (LLaVA JSON)
-
-ROLES = {"human": "user", "gpt": "assistant"}   # LLaVA's speaker names -> the chat template's roles
-SPEAKERS = {role: speaker for speaker, role in ROLES.items()}
-
-# Why a row cannot be used, in the order the checks run (a row is counted under the first).
-MALFORMED = "malformed row"                     # not an object, no list of {"from", "value"} turns, ...
-EMPTY_TURN = "no turns or an empty turn"
-NOT_ALTERNATING = "turns not alternating human, gpt"
-MARKER_COUNT = "<image> markers != images"
-MISSING_IMAGE = "missing image"
-UNREADABLE_IMAGE = "unreadable image"
-# checked by train.py, which has the tokenizer and knows what each stage needs:
-NOT_ONE_IMAGE = "caption row without exactly one image"
-FIRST_EXCHANGE_TOO_LONG = "first exchange longer than the context"
-
-
-@dataclass
-class Row:
-    """One usable row of a LLaVA file."""
-    id: object       # the row's "id" (its position in the file when it has none)
-    images: list     # Paths: the k-th image fills the k-th <image> marker
-    messages: list   # [{"role": "user" | "assistant", "content": str}], alternating, user first
-
-
-def read_rows(path):
-    """The raw rows of a LLaVA file: a JSON list, or one JSON object per line for a .jsonl
-    file. Anything that is not valid JSON is a DataError naming the line and column."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "no such file")
-    try:
-        text = path.read_text(encoding="utf-8-sig")   # -sig: a byte-order mark some editors write is skipped
-    except UnicodeDecodeError as e:
-        raise DataError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if path.suffix == ".jsonl":
-        return [_parse_json(path, line, n) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-    rows = _parse_json(path, text, 1)
-    if not isinstance(rows, list):
-        raise DataError(path, f"expected a JSON list of rows (LLaVA format; one object per line needs "
-                              f"a .jsonl name), found a JSON {type(rows).__name__}")
-    return rows
-
-
-def _parse_json(path, text, first_line):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(path, f"line {first_line + e.lineno - 1}, column {e.colno}: invalid JSON ({e.msg})") from None
-
-
-def id_of(raw, position):
-    """A row's "id", or its position in the file when it has none."""
-    return raw.get("id", position) if isinstance(raw, dict) else position
-
-
-def parse_row(raw, position, image_folder, open_end=False):
-    """(Row, None) for a row whose text is usable, else (None, the reason). No image is
-    opened here. open_end: the last turn may be a question (a question file for generate.py)."""
-    if not isinstance(raw, dict):
-        return None, MALFORMED
-    turns, paths = raw.get("conversations"), raw.get("image") or []
-    paths = [paths] if isinstance(paths, str) else paths
-    if (not isinstance(turns, list) or not isinstance(paths, list) or not all(isinstance(p, str) for p in paths)
-            or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns)):
-        return None, MALFORMED
-    if not turns or any(not t["value"].strip() for t in turns):
-        return None, EMPTY_TURN
-    roles = [ROLES.get(t.get("from")) for t in turns]
-    if roles != [("user", "assistant")[k % 2] for k in range(len(turns))] or (roles[-1] == "user" and not open_end):
-        return None, NOT_ALTERNATING
-    messages = [{"role": role, "content": t["value"]} for role, t in zip(roles, turns)]
-    if count_images(messages) != len(paths):
-        return None, MARKER_COUNT
-    return Row(id_of(raw, position), [Path(image_folder) / p for p in paths], messages), None   # an absolute p stays as it is
-
-
-def load_llava(path, image_folder="", open_end=False, check_images=True):
-    """(rows, skipped) of a LLaVA JSON / JSONL file: the usable rows in file order, and
-    {reason: [row ids]} for the others. Relative image paths are under image_folder
-    (default: the file's own folder).
-
-    Every image is opened and decoded here, once (check_images=False skips that): a row with
-    a broken image is dropped before training starts, so a long run never meets one.
-    Decoding costs about a millisecond per small image; the pixels are not kept, training
-    reads each file again when a batch needs it."""
-    folder = Path(image_folder) if image_folder else Path(path).parent
-    rows, skipped, image_problems = [], collections.defaultdict(list), {}
-    for position, raw in enumerate(read_rows(path)):
-        row, reason = parse_row(raw, position, folder, open_end)
-        if row is not None and check_images:
-            for p in row.images:
-                if p not in image_problems:
-                    image_problems[p] = _image_problem(p)
-            reason = next((image_problems[p] for p in row.images if image_problems[p]), None)
-        if reason:
-            skipped[reason].append(id_of(raw, position))
-        else:
-            rows.append(row)
-    return rows, dict(skipped)
-
-
-def _image_problem(path):
-    try:
-        load_image(path)
-    except ImageError as e:
-        return MISSING_IMAGE if e.reason == "no such file" else UNREADABLE_IMAGE
-    return None
-
-
-def drop_rows(rows, skipped, reason, keep):
-    """The rows for which keep(row) holds; the ids of the others are added to skipped[reason]."""
-    dropped = [r.id for r in rows if not keep(r)]
-    if dropped:
-        skipped.setdefault(reason, []).extend(dropped)
-    return [r for r in rows if keep(r)]
-
-
-def report_rows(n_usable, skipped, max_ids=5):
-    """How a data file was read, in one line: rows usable, rows skipped per reason with their
-    first few ids."""
-    n_skipped = sum(len(ids) for ids in skipped.values())
-    line = f"{n_usable:,} of {n_usable + n_skipped:,} rows usable"
-    if n_skipped:
-        parts = [f"{reason} {len(ids):,} (ids {', '.join(map(str, ids[:max_ids]))}{', ...' if len(ids) > max_ids else ''})"
-                 for reason, ids in skipped.items()]
-        line += f"; skipped {n_skipped:,}: " + "; ".join(parts)
-    return line
-
-
-def llava_row(row_id, images, messages):
-    """A row in LLaVA's format from chat messages (the inverse of parse_row): `image` is one
-    path, a list of paths, or absent for a text-only conversation."""
-    row = {"id": row_id}
-    if images:
-        row["image"] = images[0] if len(images) == 1 else list(images)
-    row["conversations"] = [{"from": SPEAKERS[m["role"]], "value": m["content"]} for m in messages]
-    return row
-
-
-def save_llava(path, rows):
-    """Write rows as a JSON list (or one object per line for a .jsonl path)."""
-    with open(path, "w", encoding="utf-8") as f:
-        if str(path).endswith(".jsonl"):
-            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        else:
-            json.dump(rows, f, indent=1, ensure_ascii=False)
-
 
 # ----------------------------------------------------------------------------- collator
 

@@ -18,8 +18,13 @@ Every figure is measured on the shapes world's *test* split with greedy decoding
   them, which has more shapes), overall and per type.
 - CLIP (Radford et al. 2021, arXiv:2103.00020): zero-shot accuracy over every colour x shape
   class from prompt templates, image->text retrieval R@1/R@5, and a linear probe.
+- The lm stage: perplexity on conversations of validation scenes (text only).
+On your own data (user_data.py) the held-out rows are scored instead: clip by retrieval
+among their pairs, lm by perplexity on their text, instruct by exact match on their last
+answer (held_out_retrieval, held_out_perplexity, held_out_vqa).
 """
 
+import math
 import random
 import re
 import string
@@ -30,8 +35,9 @@ import torch
 import clip as clip_lib
 import data
 import shapes
+from batches import CAPTION_PROMPTS, focus_types, rows_batch, vlm_batch, world_config
+from data import question
 
-CAPTION_PROMPTS = ("Describe the image briefly.", "What is in the image?", "Write a short caption.")
 ZERO_SHOT_TEMPLATES = ("a {}", "a picture of a {}", "there is a {}", "the image shows a {}")
 ARTICLES = {"a", "an", "the"}
 
@@ -121,12 +127,6 @@ def answer_batch(model, tok, images, conversations, image_size, device, max_new_
     return [tok.decode(ids).strip() for ids in out]
 
 
-def question(text, n_images=1):
-    """A one-turn conversation about n_images images: LLaVA puts the image before the question;
-    several images come one per line, in order."""
-    return [{"role": "user", "content": "\n".join([data.IMAGE_MARKER] * n_images + [text])}]
-
-
 def answer_all(model, tok, items, cfg, device, max_new_tokens=24):
     """items: list of (scenes, question), scenes a scene or a list of them (several images);
     answers in the same order, in batches."""
@@ -137,21 +137,6 @@ def answer_all(model, tok, items, cfg, device, max_new_tokens=24):
                                 [question(q, len(scenes)) for scenes, q in chunk], cfg.image_size, device,
                                 max_new_tokens)
     return answers
-
-
-def focus_types(cfg):
-    """The question types of a focused run ("colour,shape" -> ("colour", "shape")), or () for
-    the full mix. Unknown names are a ValueError listing the valid ones."""
-    types = tuple(t.strip() for t in cfg.question_types.split(",") if t.strip())
-    unknown = [t for t in types if t not in shapes.QUESTION_TYPES]
-    if unknown:
-        raise ValueError(f"--question_types: unknown {', '.join(unknown)}; valid: {', '.join(shapes.QUESTION_TYPES)}")
-    return types
-
-
-def world_config(cfg):
-    return shapes.WorldConfig(image_size=cfg.world_size or cfg.image_size, max_objects=cfg.max_objects,
-                              seed=cfg.seed, object_scale=cfg.object_scale)
 
 
 def test_scene(cfg, index, n_objects=None):
@@ -262,8 +247,19 @@ def evaluate_vlm(stage, model, tok, cfg, device):
     return metrics
 
 
+@torch.no_grad()
+def lm_validation(model, tok, cfg, device, batch=None):
+    """The lm stage is measured by perplexity on conversations of validation scenes (or on
+    the batch given: your held-out rows' text)."""
+    if batch is None:
+        batch = vlm_batch(cfg, tok, "lm", 0, 0, model.num_image_tokens, 64, split="val")
+    _, loss = model(batch["input_ids"].to(device), None, batch["attention_mask"].to(device),
+                    batch["labels"].to(device))
+    return {"lm_val_loss": loss.item(), "lm_val_ppl": math.exp(loss.item())}
+
+
 # -----------------------------------------------------------------------------
-# your own data: rows of a LLaVA file (data.Row), answered and scored by exact match
+# your own data: rows of a LLaVA file (user_data.Row), answered and scored by exact match
 
 def split_question(row):
     """(the conversation up to its last user turn, the reference answer or None): the last
@@ -309,6 +305,26 @@ def exact_match(predictions, references):
     per_answer = {a: {"exact_match": sum(v) / len(v), "n": len(v)}
                   for a, v in sorted(right.items(), key=lambda av: (-len(av[1]), av[0]))}
     return {"exact_match": sum(sum(v) for v in right.values()) / max(1, n), "n": n, "per_answer": per_answer}
+
+
+def held_out_retrieval(model, tok, rows, cfg, device):
+    """The clip stage on your data: retrieval among the held-out image-caption pairs."""
+    return retrieval(model, tok, [data.load_image(r.images[0]) for r in rows],
+                     [r.messages[1]["content"] for r in rows], cfg, device)
+
+
+def held_out_perplexity(model, tok, rows, cfg, device):
+    """The lm stage on your data: perplexity on the text of (up to 64 of) the held-out rows."""
+    batch = rows_batch(cfg, tok, "lm", rows, range(min(64, len(rows))), model.num_image_tokens)
+    return lm_validation(model, tok, cfg, device, batch)
+
+
+def held_out_vqa(model, tok, rows, cfg, device, max_new_tokens=48):
+    """The instruct stage on your data: vqa_acc, the last answer of each held-out row (exact
+    match after normalize_answer, the earlier turns given as history)."""
+    fit = [r for r in rows if prompt_fits(model, tok, split_question(r)[0], cfg.max_seq_len, max_new_tokens)]
+    answers = answer_rows(model, tok, fit, cfg.image_size, device, cfg.eval_batch_size, max_new_tokens)
+    return {"vqa_acc": exact_match(answers, [split_question(r)[1] for r in fit])["exact_match"]}
 
 
 # -----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import evaluate
 import shapes
 from evaluate import caption_correct, caption_objects, iou, normalize_answer, pope_metrics
 from shapes import Obj, Scene
+from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------- normalize_answer
 
@@ -327,7 +328,7 @@ class EchoModel:
 
 
 def test_answer_all_keeps_items_images_and_answers_in_order():
-    tok = data.Tokenizer({bytes([b]): b for b in range(256)})   # byte-level: no training needed
+    tok = Tokenizer({bytes([b]): b for b in range(256)})   # byte-level: no training needed
     scenes = [shapes.make_scene("test", i, shapes.WorldConfig()) for i in range(7)]
     questions = [f"question {i}" + "?" * i for i in range(7)]   # different lengths: real left padding
     model = EchoModel(tok)
@@ -388,16 +389,16 @@ class RecordingModel:
 
 
 def test_answer_batch_gives_each_image_its_own_block_in_order():
-    tok = data.Tokenizer({bytes([b]): b for b in range(256)})
+    tok = Tokenizer({bytes([b]): b for b in range(256)})
     first, second = (shapes.render(shapes.make_scene("test", i, shapes.WorldConfig())) for i in (0, 1))
     model = RecordingModel()
-    evaluate.answer_batch(model, tok, [[first, second]], [evaluate.question("What changed?", 2)], 16, "cpu")
+    evaluate.answer_batch(model, tok, [[first, second]], [data.question("What changed?", 2)], 16, "cpu")
     (ids, images), = model.seen
     assert torch.equal(images, torch.stack([data.preprocess(first, 16), data.preprocess(second, 16)]))
     assert tok.decode(ids[0]).startswith("<|im_start|>user\n<|image|><|image|>\n<|image|><|image|>\nWhat changed?")
     # tiled: a 2x2 grid for a square image, global view first, each view its own tagged block
     model = RecordingModel(tile_grids=((1, 2), (2, 2)))
-    evaluate.answer_batch(model, tok, [first], [evaluate.question("What colour?")], 16, "cpu")
+    evaluate.answer_batch(model, tok, [first], [data.question("What colour?")], 16, "cpu")
     (ids, images), = model.seen
     assert torch.equal(images, data.tile_views(first, 16, (2, 2)))
     assert tok.decode(ids[0]).startswith("<|im_start|>user\n<global_image><|image|><|image|><row_1_col_1><|image|>"
@@ -411,5 +412,3 @@ def test_a_focused_run_is_scored_on_its_own_types(monkeypatch, gold):
     m = evaluate.evaluate_vqa(None, None, cfg, "cpu")
     assert set(m) == {"vqa_acc", "vqa_acc_colour", "vqa_acc_shape"} and m["vqa_acc"] == 1.0
     assert len(calls[0]) == cfg.eval_questions
-    with pytest.raises(ValueError, match="unknown colours; valid: colour, shape"):
-        evaluate.focus_types(SimpleNamespace(question_types="colours"))

@@ -2,18 +2,24 @@
 check the plumbing (loading from the checkpoint's own config, images from disk, chat
 history, error handling); whether answers are right is train.py's and evaluate.py's test."""
 
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
+import batches
+import data
 import evaluate
 import generate
 import shapes
 import train
+from checkpoint import load_checkpoint, save_checkpoint
+from flags import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,7 +33,7 @@ def test_answer_from_a_png_on_disk_equals_the_in_memory_answer(ckpt, tmp_path):
     """The PNG written by --save_scene, read back through data.load_image, gives exactly the
     tokens the evaluation path gives for the rendered scene in memory (PNG is lossless)."""
     png = tmp_path / "scene.png"
-    saved = run("--save_scene=3", f"--scene_file={png}")
+    saved = run("--save_scene=3", f"--scene_file={png}", "--out_dir", str(ckpt))   # the tiny world: the default one
     assert saved.returncode == 0 and png.is_file(), saved.stderr
     asked = run("--image", str(png), "--prompt", "What colour is the circle?", "--out_dir", str(ckpt),
                 "--max_new_tokens=8")
@@ -90,10 +96,10 @@ def test_user_mistakes_are_one_line_and_exit_2(ckpt, tmp_path, args, message):
 
 
 def test_a_checkpoint_without_a_vlm_is_refused(ckpt, tmp_path):
-    lm = train.load_checkpoint(str(ckpt / "instruct.pt"))
+    lm = load_checkpoint(str(ckpt / "instruct.pt"))
     lm["stage"] = "lm"
-    train.save_checkpoint(str(tmp_path / "lm.pt"), lm)
-    with pytest.raises(train.ConfigError, match="holds no VLM"):
+    save_checkpoint(str(tmp_path / "lm.pt"), lm)
+    with pytest.raises(ConfigError, match="holds no VLM"):
         generate.load_vlm(str(tmp_path / "lm.pt"))
 
 
@@ -137,7 +143,7 @@ def test_questions_file_gives_the_answer_file_and_the_scores(ckpt, tmp_path):
                  "--max_new_tokens=6", "--batch_size=2")
     assert result.returncode == 0, result.stderr
     assert "5 of 6 rows usable; skipped 1: missing image 1 (ids broken)" in result.stdout
-    assert "answered 2/5" in result.stdout and "answered 5/5" in result.stdout
+    assert "answered 5/5" in result.stdout and "\r" not in result.stdout   # a pipe: the last line, no carriage returns
     lines = [json.loads(line) for line in answers.read_text().splitlines()]
     prompts = ["What colour is the circle?", "Which is larger?", "Is there a ring?", "And this one?", "What shape is at the top?"]
     assert lines == [{"question_id": r["id"], "prompt": p, "text": e} for r, p, e in zip(usable, prompts, expected)]
@@ -162,3 +168,54 @@ def test_questions_file_mistakes_are_one_line_and_exit_2(ckpt, tmp_path, content
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and result.stderr.startswith("error:")
     assert message in result.stderr, result.stderr
     assert not (tmp_path / "a.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------- --save_scene, progress
+
+
+def test_save_scene_draws_from_the_world_of_the_checkpoint(ckpt, tmp_path):
+    """--save_scene=N writes test scene N of the world the checkpoint in --out_dir was trained
+    on (its canvas, objects, object scale and seed), and of the default world without one."""
+    payload = load_checkpoint(str(ckpt / "instruct.pt"))
+    payload["config"].update(world_size=96, max_objects=1, object_scale=0.5, seed=7)
+    (tmp_path / "run").mkdir()
+    save_checkpoint(str(tmp_path / "run" / "instruct.pt"), payload)
+    expected = {"run": batches.world_config(train.Config(image_size=64, world_size=96, max_objects=1, object_scale=0.5,
+                                                         seed=7)),
+                "empty": shapes.WorldConfig()}
+    for folder, world in expected.items():
+        png = tmp_path / f"{folder}.png"
+        generate.main(["--save_scene=4", f"--scene_file={png}", "--out_dir", str(tmp_path / folder)])
+        scene = shapes.make_scene("test", 4, world)
+        assert np.array_equal(np.asarray(data.load_image(png)), np.asarray(shapes.render(scene))), folder
+    assert data.load_image(tmp_path / "run.png").size == (96, 96)
+
+
+class Stream(io.StringIO):
+    def __init__(self, tty):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+def test_progress_is_one_line_on_a_terminal_and_a_line_per_10_seconds_in_a_log():
+    """A terminal gets one line rewritten in place (a carriage return before each update, a
+    newline after the last); a log or a pipe at most a line every 10 seconds, and the last."""
+    times = iter([0.0, 1.0, 2.0, 9.0, 12.0, 13.0, 25.0, 26.0])   # the start, then one reading per update
+    log = Stream(tty=False)
+    progress = generate.Progress(700, out=log, clock=lambda: next(times))
+    for n in (100, 200, 300, 400, 500, 600, 700):
+        progress(n)
+    assert log.getvalue().splitlines() == ["answered 400/700 | 33.3 questions/s",
+                                           "answered 600/700 | 24.0 questions/s",
+                                           "answered 700/700 | 26.9 questions/s"]
+    times = iter([0.0, 1.0, 2.0, 4.0])
+    terminal = Stream(tty=True)
+    progress = generate.Progress(3, out=terminal, clock=lambda: next(times))
+    for n in (1, 2, 3):
+        progress(n)
+    assert terminal.getvalue() == ("\ranswered 1/3 | 1.0 questions/s\ranswered 2/3 | 1.0 questions/s"
+                                   "\ranswered 3/3 | 0.8 questions/s\n")
+

@@ -1,4 +1,4 @@
-"""generate.py --serve: the chat page's JSON API, started on a free loopback port inside the
+"""serve.py (generate.py --serve): the chat page's JSON API, started on a free loopback port inside the
 test, and the page itself driven in a real headless browser (Debian's chromium through
 selenium). Answers from the API are compared with evaluate.answer_batch, the path the command
 line and the evaluation use; the untrained `ckpt` (conftest.py) is enough for that."""
@@ -24,8 +24,10 @@ from PIL import Image
 import data
 import evaluate
 import generate
+import serve
 import shapes
-import train
+from checkpoint import load_checkpoint, save_checkpoint
+from flags import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 BOX = "<box>(20,30),(60,80)</box>"
@@ -34,7 +36,7 @@ BOX = "<box>(20,30),(60,80)</box>"
 @contextlib.contextmanager
 def running(ckpt_dir, **flags):
     """A chat server on a free loopback port, answering from a background thread."""
-    server = generate.make_server(generate.GenerateConfig(out_dir=str(ckpt_dir), port=0, **flags))
+    server = serve.make_server(generate.GenerateConfig(out_dir=str(ckpt_dir), port=0, **flags))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -113,7 +115,7 @@ def test_an_uploaded_image_is_answered_like_the_command_line(server, tmp_path):
                          content_type="image/png")
     assert status == 200 and (reply["width"], reply["height"]) == (90, 50)
     answer = ask(server, reply["chat"], "What colour is the circle?", max_new_tokens=12)
-    truth = expected(server, data.load_image(tmp_path / "odd.png"), evaluate.question("What colour is the circle?"), 12)
+    truth = expected(server, data.load_image(tmp_path / "odd.png"), data.question("What colour is the circle?"), 12)
     assert answer == truth and answer
 
 
@@ -133,9 +135,9 @@ def test_stream_answer_equals_answer_batch_when_sampling_too(server):
     """The streaming generator and the batched generate() draw the same tokens from the same
     seeded generator: one decoding loop (VLM.stream) serves both."""
     s, image = server, scene_image(6)
-    messages = evaluate.question("What shape is the blue object?")
+    messages = data.question("What shape is the blue object?")
     sampling = dict(temperature=1.0, top_k=20)
-    pieces = list(generate.stream_answer(s.model, s.tok, image, messages, s.cfg.image_size, "cpu", 30,
+    pieces = list(serve.stream_answer(s.model, s.tok, image, messages, s.cfg.image_size, "cpu", 30,
                                          generator=torch.Generator().manual_seed(3), **sampling))
     batched = evaluate.answer_batch(s.model, s.tok, [image], [messages], s.cfg.image_size, "cpu", 30,
                                     generator=torch.Generator().manual_seed(3), **sampling)[0]
@@ -144,7 +146,7 @@ def test_stream_answer_equals_answer_batch_when_sampling_too(server):
 
 
 class ScriptedModel:
-    """Stands in for the VLM in generate.stream_answer: it "samples" a fixed list of ids."""
+    """Stands in for the VLM in serve.stream_answer: it "samples" a fixed list of ids."""
 
     def __init__(self, model, ids):
         self.num_image_tokens, self.cfg, self.ids = model.num_image_tokens, model.cfg, ids
@@ -166,8 +168,8 @@ def test_streamed_text_never_shows_half_a_character_or_an_edge_space(server):
                 "café costs 3 €\ufffd"),
                (tok.encode("one two ") + [byte(0xC2), byte(0xA0)], "one two")]
     for ids, answer in scripts:
-        pieces = list(generate.stream_answer(ScriptedModel(server.model, ids), tok, scene_image(0),
-                                             evaluate.question("?"), server.cfg.image_size, "cpu", 40))
+        pieces = list(serve.stream_answer(ScriptedModel(server.model, ids), tok, scene_image(0),
+                                             data.question("?"), server.cfg.image_size, "cpu", 40))
         assert "".join(pieces) == answer == tok.decode(ids[:ids.index(tok.im_end_id)] if tok.im_end_id in ids
                                                        else ids).strip()
         assert "\ufffd" not in "".join(pieces[:-1]) and len(pieces) > 1 and not pieces[0][0].isspace()
@@ -219,7 +221,7 @@ def test_interleaved_conversations_keep_their_own_history(server):
     first_questions = ["How many shapes are there?", "Describe the image."]
     firsts = [ask(server, c, q, max_new_tokens=10) for c, q in zip(chats, first_questions)]
     seconds = [ask(server, c, "What colour is the square?", max_new_tokens=10) for c in chats]
-    histories = [evaluate.question(q) + [{"role": "assistant", "content": a},
+    histories = [data.question(q) + [{"role": "assistant", "content": a},
                                          {"role": "user", "content": "What colour is the square?"}]
                  for q, a in zip(first_questions, firsts)]
     for k in range(2):
@@ -242,7 +244,7 @@ def test_concurrent_requests_are_answered_one_at_a_time_without_mixing(server):
         t.start()
     for t in threads:
         t.join(60)
-    truths = [expected(server, im, evaluate.question(q), 20) for im, q in zip(images, questions)]
+    truths = [expected(server, im, data.question(q), 20) for im, q in zip(images, questions)]
     assert results == truths and len(set(truths)) == 3
 
 
@@ -254,7 +256,7 @@ def test_new_chat_starts_over_on_the_same_image(server):
     assert status == 200 and reply["chat"] != chat
     assert call(server, "/api/chat", {"chat": chat, "question": "hi"})[0] == 404   # the old one is gone
     fresh = ask(server, reply["chat"], "What colour is the circle?", max_new_tokens=8)
-    assert fresh == expected(server, image, evaluate.question("What colour is the circle?"), 8)
+    assert fresh == expected(server, image, data.question("What colour is the circle?"), 8)
 
 
 def test_random_scene_is_a_held_out_scene_with_its_questions(server):
@@ -287,13 +289,13 @@ def test_the_command_line_serves_the_page(ckpt):
 
 def test_serve_flags_are_checked_before_loading_anything(tmp_path):
     for flags, message in [(["--port=70000"], "--port must be between"), (["--max_upload_mb=0"], "positive")]:
-        with pytest.raises(train.ConfigError, match=message):   # main() prints it as one line, exit 2
+        with pytest.raises(ConfigError, match=message):   # main() prints it as one line, exit 2
             generate.main(["--serve", "--out_dir", str(tmp_path), *flags])   # no checkpoint there
 
 
 def test_only_loopback_hosts_count_as_private():
-    assert all(generate.is_loopback(h) for h in ("127.0.0.1", "127.0.1.1", "localhost", "::1"))
-    assert not any(generate.is_loopback(h) for h in ("0.0.0.0", "", "::", "192.168.1.5", "example.com"))
+    assert all(serve.is_loopback(h) for h in ("127.0.0.1", "127.0.1.1", "localhost", "::1"))
+    assert not any(serve.is_loopback(h) for h in ("0.0.0.0", "", "::", "192.168.1.5", "example.com"))
 
 
 # ----------------------------------------------------------------------------- the page in a browser
@@ -304,7 +306,7 @@ def box_ckpt(ckpt, tmp_path_factory):
     """The tiny checkpoint taught one answer, a grounding box for "Where is the circle?" about
     test scene 3, so that the page has a box to draw (a few dozen steps, about a second)."""
     model, tok, cfg = generate.load_vlm(str(ckpt / "instruct.pt"))
-    messages = evaluate.question("Where is the circle?") + [{"role": "assistant", "content": BOX}]
+    messages = data.question("Where is the circle?") + [{"role": "assistant", "content": BOX}]
     ids, labels = data.encode_chat(tok, messages, model.num_image_tokens)
     pixels = data.preprocess(scene_image(3), cfg.image_size)[None]  # (1, 3, S, S)
     model.vision.requires_grad_(False)
@@ -317,10 +319,10 @@ def box_ckpt(ckpt, tmp_path_factory):
         optimizer.step()
         if loss.item() < 0.05:   # greedy decoding then gives BOX (the test below checks it)
             break
-    payload = train.load_checkpoint(str(ckpt / "instruct.pt"))
+    payload = load_checkpoint(str(ckpt / "instruct.pt"))
     payload["model"] = model.state_dict()
     out = tmp_path_factory.mktemp("box")
-    train.save_checkpoint(str(out / "instruct.pt"), payload)
+    save_checkpoint(str(out / "instruct.pt"), payload)
     return out
 
 
