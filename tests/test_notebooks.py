@@ -5,6 +5,10 @@ A notebook is run the plain way, without Jupyter: its code cells, in order, as o
 script (lines that start with % or ! are IPython magics and are dropped), with matplotlib's
 Agg backend, TINYVLM_QUICK=1 (each notebook's small config), from the repository root, in a
 fresh process. Any exception fails the test and shows the end of the traceback.
+
+Notebook 4 also prints its key checks as name=value lines (RoPE against the complex
+rotation, the KV cache against recomputation, merged LoRA against unmerged): the tests hold
+both its quick run and its saved full run to them.
 """
 import json
 import os
@@ -40,8 +44,8 @@ def as_script(nb):
     return "\n".join(parts)
 
 
-def test_there_are_three_notebooks():
-    assert [p.name for p in NOTEBOOKS] == ["01_vit.ipynb", "02_clip.ipynb", "03_llava.ipynb"]
+def test_there_are_four_notebooks():
+    assert [p.name for p in NOTEBOOKS] == ["01_vit.ipynb", "02_clip.ipynb", "03_llava.ipynb", "04_llm.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -61,13 +65,59 @@ def test_notebook_opens_with_badge_and_setup_and_carries_a_full_run(path):
     assert "full mode" in printed and "quick mode" not in printed
 
 
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory):
+    """run(path): the notebook's quick-mode run (a CompletedProcess), made once per session,
+    so a test that reads a notebook's printed numbers costs no second run."""
+    runs = {}
+
+    def run(path):
+        if path not in runs:
+            tmp = tmp_path_factory.mktemp(path.stem)
+            script = tmp / (path.stem + ".py")
+            script.write_text(as_script(load(path)))
+            env = dict(os.environ, TINYVLM_QUICK="1", MPLBACKEND="Agg", OMP_NUM_THREADS="1", TMPDIR=str(tmp))
+            runs[path] = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True,
+                                        text=True, timeout=300)
+        return runs[path]
+
+    return run
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs_in_quick_mode(path, tmp_path):
+def test_notebook_runs_in_quick_mode(path, quick_run):
     pytest.importorskip("matplotlib")
-    script = tmp_path / (path.stem + ".py")
-    script.write_text(as_script(load(path)))
-    env = dict(os.environ, TINYVLM_QUICK="1", MPLBACKEND="Agg", OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))
-    run = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
+    run = quick_run(path)
     assert run.returncode == 0, f"{path.name} failed:\n{run.stderr[-4000:]}"
     assert "quick mode" in run.stdout
+
+
+def printed_checks(text):
+    """The name=value lines a notebook prints for its tests (e.g. rope_vs_complex_max_abs_diff=2.8e-07)."""
+    return dict(re.findall(r"^([A-Za-z]\w*)=(\S+)", text, re.M))
+
+
+def assert_llm_checks(values):
+    """Notebook 4's checks: RoPE is the complex rotation, the KV cache changes no token, and
+    LoRA merges into the same function without having moved a base weight."""
+    assert float(values["rope_vs_complex_max_abs_diff"]) < 1e-6
+    assert float(values["rope_relative_max_spread"]) < 1e-4
+    assert float(values["gqa_vs_repeated_kv_max_abs_diff"]) < 1e-4
+    assert values["kv_cache_same_tokens"] == "True"
+    assert float(values["kv_cache_speedup"]) > 0
+    assert float(values["lora_B_max_abs"]) > 0  # trained: the merge has something to fold in
+    assert values["lora_base_weights_unchanged"] == "True"
+    assert float(values["lora_merged_vs_unmerged_max_abs_diff"]) < 1e-4
+
+
+def test_llm_notebook_checks_hold_in_quick_mode(quick_run):
+    pytest.importorskip("matplotlib")
+    run = quick_run(ROOT / "notebooks" / "04_llm.ipynb")
+    assert run.returncode == 0, f"04_llm.ipynb failed:\n{run.stderr[-4000:]}"
+    assert_llm_checks(printed_checks(run.stdout))
+
+
+def test_llm_notebook_checks_held_in_its_saved_full_run():
+    nb = load(ROOT / "notebooks" / "04_llm.ipynb")
+    outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
+    assert_llm_checks(printed_checks("".join("".join(o.get("text", "")) for o in outputs)))
