@@ -2,7 +2,7 @@
 checkpoint.py — what a run keeps in out_dir, and how --resume and the next stage read it back.
 
     out/<stage>.pt       one per stage, written every checkpoint_every steps and at its end
-    out/tokenizer.json   the run's tokenizer (train.get_tokenizer), shared by every stage
+    out/tokenizer.json   the run's tokenizer (checkpoint.get_tokenizer), shared by every stage
     out/metrics.json     one flat JSON object that every stage adds its figures to
 
 A stage checkpoint is a plain dict, written atomically (temp file + os.replace: a crash or a

@@ -143,7 +143,7 @@ def clip_loss(logits_per_image):
 
 def tokenize(tok, texts, context_length):
     """Texts -> (B, L) ids, each row `text <eot> pad ...`, L = the longest row.
-    tok needs .encode(str), .eot_id and .pad_id (data.Tokenizer has them). A text too
+    tok needs .encode(str), .eot_id and .pad_id (tokenizer.Tokenizer has them). A text too
     long is cut so that its eot still fits: the text tower reads its feature there."""
     rows = [tok.encode(t)[: context_length - 1] + [tok.eot_id] for t in texts]
     L = max(len(r) for r in rows)

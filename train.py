@@ -69,7 +69,7 @@ class Config:
     world_size: int = 64                  # the world's canvas side; 0: image_size (a larger one is downscaled,
                                           # or tiled with tile_grids)
     object_scale: float = 1.0             # < 1: smaller shapes (a high-resolution world of small objects)
-    # your own data instead of the shapes world: LLaVA JSON / JSONL (README "Train on your own data")
+    # your own data instead of the shapes world: LLaVA JSON / JSONL (docs/own-data.md)
     caption_data: str = ""        # image-caption rows: clip and align (and instruct, without --instruct_data)
     instruct_data: str = ""       # conversations: instruct
     image_folder: str = ""        # where relative image paths point; default: each data file's own folder
@@ -165,7 +165,7 @@ PRESETS = {
         eval_clip_scenes=100, eval_retrieval=50, eval_questions=100, eval_pope=40,
         eval_grounding=20, eval_captions=20, eval_batch_size=50,
     ),
-    # One 16 GB GPU, sized for a Colab T4 (the README's time is an estimate until run on one).
+    # One 16 GB GPU, sized for a Colab T4 (docs/gpu.md's time is an estimate until run on one).
     # The CPU default's recipe (48x48 input, 16x16 patches through the conv stem: the 3x3 regions,
     # one visual token each), with towers 2x wider and deeper and about 4x the steps.
     "colab": dict(

@@ -1,6 +1,6 @@
 """Tests for bench.py: the FLOP count of a tiny VLM against parameters counted by hand from
 the layer shapes (not with count_parameters), for each way a tower can train; and one run of
-every measurement on a tiny config, whose JSON must hold the keys the issue names and
+every measurement on a tiny config, whose JSON must hold every key bench.py reports and
 numbers that agree with each other."""
 import json
 import math

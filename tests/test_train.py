@@ -141,7 +141,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_metrics_json_has_every_figure_as_a_number(tiny_run):
-    """metrics.json after `train.py --config=tiny` holds every figure DESIGN.md names, each a
+    """metrics.json after `train.py --config=tiny` holds every figure docs/design.md names, each a
     finite number, fractions in [0, 1], timings positive and consistent with the total."""
     metrics = json.loads((tiny_run.out / "metrics.json").read_text())
     required = (["vqa_acc", "grounding_acc", "caption_acc", "total_seconds"]
@@ -264,7 +264,7 @@ def stage_files(out):
 
 
 def test_a_run_killed_mid_stage_and_resumed_equals_the_uninterrupted_run(tmp_path):
-    """Issue 6: SIGKILL in the middle of the lm stage, then --resume: clip is skipped (finished),
+    """SIGKILL in the middle of the lm stage, then --resume: clip is skipped (finished),
     lm continues from its last checkpoint, align and instruct run afresh; every per-step loss,
     every final weight and metrics.json (but timings) equal the uninterrupted run's, bit for bit."""
     whole = tmp_path / "whole"
@@ -431,7 +431,7 @@ def test_instruct_stage_learns_to_read_the_image(tmp_path, monkeypatch, projecto
 
 
 def test_short_clip_run_learns_colour_zero_shot(tmp_path):
-    """Issue 2's learning check for CLIP on the real shapes world: 200 steps of a small CLIP
+    """A learning check for CLIP on the real shapes world: 200 steps of a small CLIP
     (ViT 64 wide x 2, single-object scenes) must classify colour zero-shot on 100 held-out
     scenes far above chance (1/6). Measured: 0.53 in 14 s; a model that learned nothing
     scores about 0.17, and 35 or more right out of 100 at p = 1/6 has probability < 1e-5."""
