@@ -415,6 +415,25 @@ class VLM(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# the loss of --loss_per_answer (VLM.forward's is the mean over all answer tokens)
+
+def per_answer_loss(logits, labels):
+    """Cross-entropy where every answer counts once, whatever its length: a 15-token box or
+    a 40-token description would otherwise outweigh a one-word colour answer 15-40 times."""
+    target = F.pad(labels[:, 1:], (0, 1), value=-100)                 # (B, T): position t predicts t+1
+    labelled = target != -100                                         # (B, T)
+    starts = labelled & ~F.pad(labelled[:, :-1], (1, 0), value=False)  # first token of each answer
+    answer = torch.cumsum(starts.flatten(), 0) - 1                    # (B*T,) answer index per token
+    tokens = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100,
+                             reduction="none")                        # (B*T,)
+    n_answers = int(starts.sum())
+    keep = labelled.flatten()
+    per_answer = torch.zeros(n_answers, device=logits.device).index_add_(0, answer[keep], tokens[keep])
+    lengths = torch.zeros(n_answers, device=logits.device).index_add_(0, answer[keep], torch.ones_like(tokens[keep]))
+    return (per_answer / lengths).mean()
+
+
+# -----------------------------------------------------------------------------
 
 
 def filter_logits(logits, top_k=None, top_p=None):

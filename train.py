@@ -7,7 +7,7 @@ train.py — the one entry point: CLIP pretraining, a tiny LLM, then LLaVA's two
     python train.py --clip_steps=200 --device=cpu   # any config field is a flag (flags.py)
     python train.py --export=shapes_data            # the shapes world as PNG + LLaVA JSON files
     python train.py --caption_data=captions.json --instruct_data=instruct.json   # your own data (user_data.py)
-    python train.py --config=colab --compile        # one 16 GB GPU (a Colab T4): 128x128 images, bigger towers
+    python train.py --config=colab --compile        # one 16 GB GPU (a Colab T4): bigger towers, longer stages
     torchrun --nproc_per_node=2 train.py   # DDP (distributed.py): each rank builds half of every batch
 
 The stages (LLaVA = "Visual Instruction Tuning", Liu et al. 2023, arXiv:2304.08485), each
@@ -45,7 +45,7 @@ import evaluate
 import user_data
 from clip import CLIP, CLIPConfig
 from flags import ConfigError, parse_flags, tile_grids
-from model import LLMConfig, VLM, VLMConfig, add_lora, merge_lora
+from model import LLMConfig, VLM, VLMConfig, add_lora, merge_lora, per_answer_loss
 from vit import ViTConfig
 
 
@@ -267,22 +267,6 @@ def token_loss(model, batch):
     loss = model(batch["input_ids"], batch["images"], labels=batch["labels"])[1]
     n_targets = (batch["labels"][:, 1:] != data.IGNORE_INDEX).sum()  # position t predicts label t+1
     return distributed.share_of_mean(loss, n_targets)
-
-
-def per_answer_loss(logits, labels):
-    """Cross-entropy where every answer counts once, whatever its length: a 15-token box or
-    a 40-token description would otherwise outweigh a one-word colour answer 15-40 times."""
-    target = F.pad(labels[:, 1:], (0, 1), value=-100)                 # (B, T): position t predicts t+1
-    labelled = target != -100                                         # (B, T)
-    starts = labelled & ~F.pad(labelled[:, :-1], (1, 0), value=False)  # first token of each answer
-    answer = torch.cumsum(starts.flatten(), 0) - 1                    # (B*T,) answer index per token
-    tokens = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100,
-                             reduction="none")                        # (B*T,)
-    n_answers = int(starts.sum())
-    keep = labelled.flatten()
-    per_answer = torch.zeros(n_answers, device=logits.device).index_add_(0, answer[keep], tokens[keep])
-    lengths = torch.zeros(n_answers, device=logits.device).index_add_(0, answer[keep], torch.ones_like(tokens[keep]))
-    return (per_answer / lengths).mean()
 
 
 def answer_loss(model, batch):

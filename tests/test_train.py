@@ -29,7 +29,7 @@ import generate
 import train
 from checkpoint import get_tokenizer, load_checkpoint, save_checkpoint
 from flags import ConfigError, parse_flags
-from model import VLM
+from model import VLM, per_answer_loss
 from tokenizer import Tokenizer, train_bpe
 from train import Config, PRESETS
 
@@ -461,7 +461,7 @@ def test_per_answer_loss_weighs_every_answer_once():
         losses = [-torch.log_softmax(logits[b, t], -1)[y] for b, t, y in tokens]
         per_answer.append(sum(losses) / len(losses))
     expected = sum(per_answer) / len(per_answer)
-    assert train.per_answer_loss(logits, labels).item() == pytest.approx(expected.item(), abs=1e-6)
+    assert per_answer_loss(logits, labels).item() == pytest.approx(expected.item(), abs=1e-6)
     # the token mean differs whenever answer lengths differ
     token_mean = sum(sum(-torch.log_softmax(logits[b, t], -1)[y] for b, t, y in a) for a in answers) / 6
     assert abs(token_mean.item() - expected.item()) > 1e-3
