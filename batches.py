@@ -173,6 +173,9 @@ def vlm_batch(cfg, tok, stage, step, micro, image_tokens, batch_size, split="tra
             sample = fit_turns(tok, [], turns, image_tokens, cfg)
             sample["labels"] = list(sample["input_ids"])  # language modelling: every token is a target
             samples.append(sample)
+        elif stage == "align" and __import__("os").environ.get("ALIGN_QA") == "1":
+            turns = instruct_turns(scene, rng, cfg.instruct_turns, focus_types(cfg))
+            samples.append(fit_turns(tok, [scene], turns, image_tokens, cfg))
         elif stage == "align":
             turns = [(rng.choice(CAPTION_PROMPTS), shapes.caption(scene, rng))]
             samples.append(fit_turns(tok, [scene], turns, image_tokens, cfg))

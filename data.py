@@ -35,6 +35,13 @@ def image_block(tok, n_tokens, grid=None):
     tile in row-major order <row_i_col_j> (1-based) and its slots, the tags telling the LLM
     where each group of visual tokens comes from (nanoVLM's layout)."""
     slots = [tok.image_id] * n_tokens
+    import os, math
+    if grid is None and os.environ.get("IMAGE_TAGS") == "2":
+        import shapes
+        return [t for k in range(n_tokens) for t in tok.encode(" " + shapes.REGIONS[k] + ":") + [tok.image_id]]
+    if grid is None and os.environ.get("IMAGE_TAGS") == "1":
+        side = math.isqrt(n_tokens)
+        return [t for k in range(n_tokens) for t in (tok.row_col_id(k // side + 1, k % side + 1), tok.image_id)]
     if grid is None:
         return slots
     rows, cols = grid

@@ -326,7 +326,12 @@ class VLM(nn.Module):
         """Visual tokens (M, N', D) for images (M, 3, H, W)."""
         # patch tokens only: LLaVA feeds the grid features, the CLS summary adds nothing spatial
         patches = self.vision(images, layer=self.cfg.vision_layer, keep_cls=False)  # (M, N, Dv)
-        return self.projector(patches)  # (M, N', D)
+        visual = self.projector(patches)  # (M, N', D)
+        import os
+        if os.environ.get("PROJ_NORM") == "1":
+            text_norm = self.llm.tok_emb.weight.norm(dim=-1).mean().detach()
+            visual = visual / visual.norm(dim=-1, keepdim=True) * text_norm
+        return visual
 
     def embed(self, input_ids, images=None):
         """Token embeddings (B, T, D) with image m's visual tokens written over the m-th block
