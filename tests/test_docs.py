@@ -31,8 +31,8 @@ FILE_SUFFIXES = {"py", "pt", "json", "jsonl", "ipynb", "png", "md", "html", "txt
 # module.name(.name...), not preceded by a word, a dot, a slash or a hyphen
 # (so torch.utils.data.DataLoader and tests/test_train.py are not read as data.DataLoader or train.py)
 DOTTED = re.compile(r"(?<![\w./-])(" + "|".join(MODULES) + r")\.([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)")
-# `name.py` → `a`, `b` and `C.d`: the names after the arrow, each in backticks
-ARROW = re.compile(r"(?<![\w/.-])`?(\w+)\.py`?\s*(?:→|->)\s*((?:`[A-Za-z_][\w.]*`(?:\s*(?:,\s*and|,|and)\s*(?=`))?)+)")
+# `name.py` → `a`, `b` and `C.d`: the names after the arrow, each in backticks (a `file.py` starts the next)
+ARROW = re.compile(r"(?<![\w/.-])`?(\w+)\.py`?\s*(?:→|->)\s*((?:`(?!\w+\.py`)[A-Za-z_][\w.]*`(?:\s*(?:,\s*and|,|and)\s*(?=`(?!\w+\.py`)))?)+)")
 
 
 def markdown_texts(paths):
