@@ -1,7 +1,6 @@
 """Tests for clip.py: the loss against a hand loop, the temperature, the eot pooling,
 the evaluation helpers on hand-made cases, and a tiny CLIP that must learn."""
 import math
-import time
 
 import pytest
 import torch
@@ -147,7 +146,6 @@ def colour_batch(classes, gen):
 
 def test_tiny_clip_learns_colour_classes():
     """8 classes, one pair per class in each batch: chance is loss ln 8 = 2.08 and R@1 = 1/8."""
-    start = time.time()
     m = tiny_clip(seed=0)
     gen = torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0)
@@ -166,4 +164,3 @@ def test_tiny_clip_learns_colour_classes():
         images, ids = colour_batch(torch.randperm(8, generator=gen), gen)  # fresh noise
         r = retrieval_recall(m.encode_image(images), m.encode_text(ids), ks=(1,))
     assert r["image_to_text_r1"] >= 0.75 and r["text_to_image_r1"] >= 0.75, r
-    assert time.time() - start < 15
