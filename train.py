@@ -93,7 +93,7 @@ class Config:
     embed_dim: int = 128
     context_length: int = 32
     # stage clip
-    clip_steps: int = 1000
+    clip_steps: int = 2000
     clip_batch_size: int = 64
     clip_lr: float = 1e-3
     clip_drop_prob: float = 0.5           # each size and position word of a caption is left out with this probability
@@ -124,7 +124,7 @@ class Config:
     align_batch_size: int = 32
     align_lr: float = 2e-3
     # stage instruct (LLaVA stage 2): per-module learning rates
-    instruct_steps: int = 1000
+    instruct_steps: int = 1400
     instruct_batch_size: int = 16
     instruct_lr: float = 1e-3             # the LLM
     instruct_projector_lr: float = 2e-3   # the projector
