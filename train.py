@@ -93,7 +93,7 @@ class Config:
     embed_dim: int = 128
     context_length: int = 32
     # stage clip
-    clip_steps: int = 2000
+    clip_steps: int = 1600
     clip_batch_size: int = 64
     clip_lr: float = 1e-3
     clip_drop_prob: float = 0.5           # each size and position word of a caption is left out with this probability
