@@ -156,6 +156,8 @@ def check_replicas(model, name):
     (its sum and sum of squares, in float64) is compared across ranks; a difference stops all."""
     if not dist.is_initialized():
         return
+    for buffer in model.buffers():  # BatchNorm's running statistics: DDP hands every rank rank 0's before
+        dist.broadcast(buffer, 0)   # each forward, so the last forward's update is this rank's own
     tensors = [t.double() for t in model.state_dict().values() if t.is_floating_point()]
     fingerprint = torch.stack([s for t in tensors for s in (t.sum(), t.pow(2).sum())])  # (2 x tensors,)
     everyone = [torch.empty_like(fingerprint) for _ in range(dist.get_world_size())]
