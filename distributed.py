@@ -104,9 +104,10 @@ def training_model(model, cfg, device):
     (its backward averages the gradients over the ranks), compiled with --compile."""
     if dist.is_initialized():
         device_ids = [device] if device.startswith("cuda") else None
-        if device.startswith("cuda"):  # the conv stem's BatchNorm: statistics of the global batch. On
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # CPU (gloo, no SyncBatchNorm)
-            # each rank normalises by its own share: close to, not equal to, one process
+        # The conv stem's BatchNorm normalises by its batch: on GPUs by the global batch's statistics.
+        # gloo has no SyncBatchNorm, so on CPU each rank uses its own share (close to one process, not equal).
+        if device.startswith("cuda"):
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     return torch.compile(model) if cfg.compile else model
 

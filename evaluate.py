@@ -480,15 +480,16 @@ def linear_probes(model, test_scenes, test_emb, cfg, device):
     clip_probe_colour_acc and clip_probe_shape_acc read one attribute each from the pooled
     ViT features: what the vision tower itself keeps of colour and of shape."""
     train_scenes = [shapes.make_scene("train", 500_000 + i, world_config(cfg), n_objects=1) for i in range(2000)]
-    train_emb = embed_scenes(model, train_scenes, cfg, device).cpu()
-    train_vit, test_vit = (pooled_features(model, s, cfg, device) for s in (train_scenes, test_scenes))
+    clip_features = (embed_scenes(model, train_scenes, cfg, device).cpu(), test_emb.cpu())        # (n, E) each
+    vit_features = tuple(pooled_features(model, s, cfg, device) for s in (train_scenes, test_scenes))  # (n, D)
+    probes = {"clip_linear_probe_acc": (clip_features, lambda o: (o.colour, o.shape)),
+              "clip_probe_colour_acc": (vit_features, lambda o: o.colour),
+              "clip_probe_shape_acc": (vit_features, lambda o: o.shape)}
     metrics = {}
-    for name, label in (("clip_linear_probe_acc", lambda o: (o.colour, o.shape)),
-                        ("clip_probe_colour_acc", lambda o: o.colour), ("clip_probe_shape_acc", lambda o: o.shape)):
+    for name, ((train_x, test_x), label) in probes.items():
         classes = sorted({label(s.objects[0]) for s in train_scenes + test_scenes})
         train_y, test_y = (torch.tensor([classes.index(label(s.objects[0])) for s in split])
                            for split in (train_scenes, test_scenes))
-        train_x, test_x = (train_emb, test_emb.cpu()) if name == "clip_linear_probe_acc" else (train_vit, test_vit)
         metrics[name] = clip_lib.linear_probe(train_x, train_y, test_x, test_y)
     return metrics
 
