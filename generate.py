@@ -76,8 +76,8 @@ PRESETS = {
 
 # Config fields added after checkpoints were first written, with the value every checkpoint
 # older than the field was trained with (today's default may differ): such a checkpoint
-# rebuilds as what it was, a ViT with the patch stem.
-BEFORE_FIELD = {"vit_stem": "patch"}
+# rebuilds as what it was: a ViT with the patch stem, visual tokens without region names.
+BEFORE_FIELD = {"vit_stem": "patch", "region_names": False}
 
 
 def run_config(ckpt):

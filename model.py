@@ -14,7 +14,9 @@ embedding, and a KV cache makes generation cost one token per step.
 VLM is LLaVA ("Visual Instruction Tuning", Liu et al. 2023, arXiv:2304.08485;
 LLaVA-1.5, arXiv:2310.03744): a ViT encodes the image, the projector
 (projector.py) maps its patch features to LLM-width visual tokens, and those
-are written over the <|image|> placeholder tokens of the prompt.
+are written over the <|image|> placeholder tokens of the prompt. With
+region_names, each of the 3×3 visual tokens also carries the name of the
+region it covers, in the LLM's own word embeddings (VLM.name_regions).
 
 LoRA ("LoRA: Low-Rank Adaptation of Large Language Models", Hu et al. 2021,
 arXiv:2106.09685) fine-tunes the LLM through small low-rank adapters beside its
@@ -78,6 +80,7 @@ class VLMConfig:
     resampler_queries: int = 16  # only for projector="resampler": visual tokens per image
     tile_grids: tuple = ()  # any-res: allowed (rows, cols) tile grids (data.image_input); (): one view per image
     vision_layer: int = -1  # which ViT block's patch features feed the projector (-1: the last)
+    region_names: bool = False  # a learned vector per visual token, started as its 3x3 region's name (name_regions)
     image_token_id: int = -1  # the tokenizer's <|image|> id; must be set
 
     @classmethod
@@ -308,6 +311,11 @@ class LanguageModel(nn.Module):
 # -----------------------------------------------------------------------------
 
 
+# region_names' scale: about the norm the projector's visual tokens reach in align (17 with the
+# default config), so the place weighs as much as the content; at half of it the LLM ignored it
+REGION_NAME_NORM = 17.0
+
+
 class VLM(nn.Module):
     def __init__(self, cfg: VLMConfig, vision: ViT | None = None):
         super().__init__()
@@ -321,12 +329,37 @@ class VLM(nn.Module):
                                         cfg.shuffle_factor, cfg.resampler_queries)
         self.llm = LanguageModel(cfg.llm)
         self.num_image_tokens = self.projector.num_tokens()  # N': <|image|> slots per image
+        # region_names: the visual tokens' grid side (0: no names; the resampler's queries have no place)
+        self.region_grid = math.isqrt(self.num_image_tokens) if cfg.region_names and cfg.projector != "resampler" else 0
+        if self.region_grid:  # part of the projector, so it trains and saves with it; zeros until name_regions
+            self.projector.region_names = nn.Parameter(torch.zeros(self.num_image_tokens, cfg.llm.dim))  # (N', D)
 
     def encode_images(self, images):
         """Visual tokens (M, N', D) for images (M, 3, H, W)."""
         # patch tokens only: LLaVA feeds the grid features, the CLS summary adds nothing spatial
         patches = self.vision(images, layer=self.cfg.vision_layer, keep_cls=False)  # (M, N, Dv)
-        return self.projector(patches)  # (M, N', D)
+        tokens = self.projector(patches)  # (M, N', D)
+        if self.region_grid:  # the same places in every image (and in every tile)
+            tokens = tokens + self.projector.region_names  # (M, N', D)
+        return tokens
+
+    @torch.no_grad()
+    def name_regions(self, word_ids):
+        """Start each visual token at the name of the region of a 3x3 grid that holds its centre:
+        the sum of the LLM's embeddings of that region's words, word_ids[region] (row-major:
+        the ids of " top" and " left" first), rescaled to norm REGION_NAME_NORM.
+
+        Why: the ViT's position embedding fades from the tokens that hold an object, so a head
+        that finds the object by its colour and shape reads back no place, and the LLM answers
+        "where?" from the empty cells instead. With the place in the token, in words the LLM
+        already reads in its context and writes (its head shares the embedding's weights),
+        finding the object is enough."""
+        g = self.region_grid
+        # token (r, c) of the g x g grid has its centre at ((r + 1/2) / g, (c + 1/2) / g) of the side
+        region = [3 * ((6 * r + 3) // (2 * g)) + (6 * c + 3) // (2 * g) for r in range(g) for c in range(g)]
+        emb = self.llm.tok_emb.weight  # (V, D)
+        names = torch.stack([emb[word_ids[k]].sum(0) for k in region])  # (N', D)
+        self.projector.region_names.copy_(REGION_NAME_NORM * names / names.norm(dim=-1, keepdim=True))
 
     def embed(self, input_ids, images=None):
         """Token embeddings (B, T, D) with image m's visual tokens written over the m-th block

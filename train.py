@@ -42,6 +42,7 @@ import checkpoint
 import data
 import distributed
 import evaluate
+import shapes
 import user_data
 from clip import CLIP, CLIPConfig
 from flags import ConfigError, parse_flags, tile_grids
@@ -119,6 +120,9 @@ class Config:
     resampler_queries: int = 16           # projector=resampler: learned queries = visual tokens per image
     shuffle_factor: int = 2               # projector=pixel_shuffle: s x s patches fold into one visual token
     vision_layer: int = -1                # which ViT block's hidden states feed the projector
+    region_names: bool = True             # each visual token gets a learned vector, started as the LLM's word
+                                          # embeddings of its 3x3 region's name ("top left"...): where it is, in
+                                          # words (model.VLM.name_regions); not for the resampler
     # stage align (LLaVA stage 1)
     align_steps: int = 300
     align_batch_size: int = 32
@@ -240,7 +244,7 @@ def vlm_config(cfg, tok):
                     ffn_hidden=cfg.llm_ffn_hidden, max_seq_len=cfg.max_seq_len)
     return VLMConfig(vision=clip_config(cfg, tok).vit, llm=llm, projector=cfg.projector, shuffle_factor=cfg.shuffle_factor,
                      resampler_queries=cfg.resampler_queries, tile_grids=tile_grids(cfg),
-                     vision_layer=cfg.vision_layer, image_token_id=tok.image_id)
+                     vision_layer=cfg.vision_layer, region_names=cfg.region_names, image_token_id=tok.image_id)
 
 
 # -----------------------------------------------------------------------------
@@ -395,6 +399,9 @@ def build_model(stage, cfg, tok, device):
         else:
             checkpoint.load_weights(model.get_submodule(STAGES[earlier].saves),
                                     checkpoint.finished_checkpoint(cfg, earlier, tok)["model"], path)
+    if "projector" in STAGES[stage].trains and model.region_grid and not model.projector.region_names.any():
+        # a fresh projector (align's, or one from a clip.pt): its tokens start with their places' names
+        model.name_regions([tok.encode(" " + name) for name in shapes.REGIONS])
     return model.to(device)
 
 

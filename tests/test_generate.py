@@ -222,18 +222,22 @@ def test_progress_is_one_line_on_a_terminal_and_a_line_per_10_seconds_in_a_log()
 
 
 
-def test_a_checkpoint_from_before_the_stem_field_rebuilds_with_the_patch_stem(ckpt, tmp_path):
-    """Checkpoints written before Config.vit_stem existed hold no such key; they had the patch
-    stem, whatever today's default is, and must load as that (strictly, every weight)."""
+def test_a_checkpoint_from_before_the_stem_and_region_fields_rebuilds_as_it_was(ckpt, tmp_path):
+    """Checkpoints written before Config.vit_stem and Config.region_names existed hold no such
+    keys; they had the patch stem and no region names, whatever today's defaults are, and must
+    load as that (strictly, every weight)."""
     from model import VLM
     from vit import ConvStem, PatchEmbed
     saved = load_checkpoint(str(ckpt / "instruct.pt"))
     cfg = generate.run_config(saved)
-    cfg.vit_stem = "patch"
+    cfg.vit_stem, cfg.region_names = "patch", False
     tok = Tokenizer.from_state(saved["tokenizer"])
     model = VLM(train.vlm_config(cfg, tok))
-    old = dict(saved, config={k: v for k, v in vars(cfg).items() if k != "vit_stem"}, model=model.state_dict())
+    old = dict(saved, config={k: v for k, v in vars(cfg).items() if k not in generate.BEFORE_FIELD},
+               model=model.state_dict())
     save_checkpoint(str(tmp_path / "instruct.pt"), old)
     loaded, _, loaded_cfg = generate.load_vlm(str(tmp_path / "instruct.pt"))
     assert loaded_cfg.vit_stem == "patch" and isinstance(loaded.vision.patch_embed, PatchEmbed)
-    assert train.Config().vit_stem == "conv" and isinstance(VLM(train.vlm_config(train.Config(), tok)).vision.patch_embed, ConvStem)
+    assert not loaded_cfg.region_names and loaded.region_grid == 0
+    today = VLM(train.vlm_config(train.Config(), tok))
+    assert isinstance(today.vision.patch_embed, ConvStem) and today.region_grid == 3

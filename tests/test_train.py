@@ -16,7 +16,7 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,10 +26,11 @@ import torch
 import batches
 import evaluate
 import generate
+import shapes
 import train
 from checkpoint import get_tokenizer, load_checkpoint, save_checkpoint
 from flags import ConfigError, parse_flags
-from model import VLM, per_answer_loss
+from model import REGION_NAME_NORM, VLM, per_answer_loss
 from tokenizer import Tokenizer, train_bpe
 from train import Config, PRESETS
 
@@ -198,6 +199,19 @@ def test_frozen_towers_get_no_gradient_and_do_not_change(tiny_run):
     assert not torch.equal(ckpt["instruct"]["llm.tok_emb.weight"], ckpt["align"]["llm.tok_emb.weight"])
     proj = [k for k in ckpt["align"] if k.startswith("projector.")]
     assert proj and not all(torch.equal(ckpt["instruct"][k], ckpt["align"][k]) for k in proj)
+
+
+def test_align_names_the_regions_from_the_lm_words_and_instruct_keeps_what_align_learned(tiny_run):
+    cfg = replace(tiny_run.cfg, out_dir=str(tiny_run.out))
+    tok = Tokenizer.from_state(load_checkpoint(str(tiny_run.out / "lm.pt"))["tokenizer"])
+    align = train.build_model("align", cfg, tok, "cpu")
+    emb = align.llm.tok_emb.weight.detach()  # lm.pt's embeddings
+    for k, region in enumerate(shapes.REGIONS):  # 3x3 visual tokens: token k names region k
+        name = emb[tok.encode(" " + region)].sum(0)
+        torch.testing.assert_close(align.projector.region_names[k], REGION_NAME_NORM * name / name.norm())
+    instruct = train.build_model("instruct", cfg, tok, "cpu")  # from align.pt: trained names, not renamed
+    saved = load_checkpoint(str(tiny_run.out / "align.pt"))["model"]["projector.region_names"]
+    assert torch.equal(instruct.projector.region_names, saved) and not torch.equal(saved, align.projector.region_names)
 
 
 def test_checkpoints_rebuild_the_model_from_their_own_config(tiny_run):
