@@ -15,8 +15,8 @@ VLM is LLaVA ("Visual Instruction Tuning", Liu et al. 2023, arXiv:2304.08485;
 LLaVA-1.5, arXiv:2310.03744): a ViT encodes the image, the projector
 (projector.py) maps its patch features to LLM-width visual tokens, and those
 are written over the <|image|> placeholder tokens of the prompt. With
-region_names, each of the 3×3 visual tokens also carries the name of the
-region it covers, in the LLM's own word embeddings (VLM.name_regions).
+region_names, each visual token also carries the name of the region of the
+image it covers, in the LLM's own word embeddings (RegionNames).
 
 LoRA ("LoRA: Low-Rank Adaptation of Large Language Models", Hu et al. 2021,
 arXiv:2106.09685) fine-tunes the LLM through small low-rank adapters beside its
@@ -80,7 +80,7 @@ class VLMConfig:
     resampler_queries: int = 16  # only for projector="resampler": visual tokens per image
     tile_grids: tuple = ()  # any-res: allowed (rows, cols) tile grids (data.image_input); (): one view per image
     vision_layer: int = -1  # which ViT block's patch features feed the projector (-1: the last)
-    region_names: bool = False  # a learned vector per visual token, started as its 3x3 region's name (name_regions)
+    region_names: bool = False  # add RegionNames to the visual tokens (not with the resampler: its queries have no place)
     image_token_id: int = -1  # the tokenizer's <|image|> id; must be set
 
     @classmethod
@@ -311,9 +311,36 @@ class LanguageModel(nn.Module):
 # -----------------------------------------------------------------------------
 
 
-# region_names' scale: about the norm the projector's visual tokens reach in align (17 with the
-# default config), so the place weighs as much as the content; at half of it the LLM ignored it
-REGION_NAME_NORM = 17.0
+class RegionNames(nn.Module):
+    """A learned vector per visual token, added to it: where in the image the token is.
+
+    Why: RoPE rotates queries and keys, never values. A head that finds "the red circle" by
+    its colour and shape reads back that token's content, and the ViT's position embedding
+    has faded from the tokens that hold an object, so the LLM learns to answer "where?" from
+    the empty cells instead, and gets it right only when they tell. The vector starts as the
+    name of the token's region of a 3x3 grid ("top left", ...) in the LLM's own word
+    embeddings, words it already reads in its context and writes (its output head shares
+    those weights): finding the object is then enough to say where it is.
+    """
+
+    def __init__(self, grid: int, dim: int):
+        super().__init__()
+        self.grid = grid  # visual tokens per side
+        self.weight = nn.Parameter(torch.zeros(grid * grid, dim))  # (N', D): adds nothing until named
+
+    def forward(self, tokens):
+        return tokens + self.weight  # (M, N', D): the same places in every image (and every tile)
+
+    @torch.no_grad()
+    def name(self, embeddings, word_ids, norm):
+        """Start token (r, c) at the name of the 3x3 region that holds its centre: the sum of the
+        embeddings (V, D) of that region's words, word_ids[region] (row-major: the ids of " top"
+        and " left" first), rescaled to `norm`."""
+        g = self.grid
+        # token (r, c) has its centre at ((r + 1/2) / g, (c + 1/2) / g) of the side: third floor(3 (r + 1/2) / g)
+        region = [3 * ((6 * r + 3) // (2 * g)) + (6 * c + 3) // (2 * g) for r in range(g) for c in range(g)]
+        names = torch.stack([embeddings[word_ids[k]].sum(0) for k in region])  # (N', D)
+        self.weight.copy_(norm * names / names.norm(dim=-1, keepdim=True))
 
 
 class VLM(nn.Module):
@@ -329,37 +356,15 @@ class VLM(nn.Module):
                                         cfg.shuffle_factor, cfg.resampler_queries)
         self.llm = LanguageModel(cfg.llm)
         self.num_image_tokens = self.projector.num_tokens()  # N': <|image|> slots per image
-        # region_names: the visual tokens' grid side (0: no names; the resampler's queries have no place)
-        self.region_grid = math.isqrt(self.num_image_tokens) if cfg.region_names and cfg.projector != "resampler" else 0
-        if self.region_grid:  # part of the projector, so it trains and saves with it; zeros until name_regions
-            self.projector.region_names = nn.Parameter(torch.zeros(self.num_image_tokens, cfg.llm.dim))  # (N', D)
+        named = cfg.region_names and cfg.projector != "resampler"
+        self.regions = RegionNames(math.isqrt(self.num_image_tokens), cfg.llm.dim) if named else None
 
     def encode_images(self, images):
         """Visual tokens (M, N', D) for images (M, 3, H, W)."""
         # patch tokens only: LLaVA feeds the grid features, the CLS summary adds nothing spatial
         patches = self.vision(images, layer=self.cfg.vision_layer, keep_cls=False)  # (M, N, Dv)
         tokens = self.projector(patches)  # (M, N', D)
-        if self.region_grid:  # the same places in every image (and in every tile)
-            tokens = tokens + self.projector.region_names  # (M, N', D)
-        return tokens
-
-    @torch.no_grad()
-    def name_regions(self, word_ids):
-        """Start each visual token at the name of the region of a 3x3 grid that holds its centre:
-        the sum of the LLM's embeddings of that region's words, word_ids[region] (row-major:
-        the ids of " top" and " left" first), rescaled to norm REGION_NAME_NORM.
-
-        Why: the ViT's position embedding fades from the tokens that hold an object, so a head
-        that finds the object by its colour and shape reads back no place, and the LLM answers
-        "where?" from the empty cells instead. With the place in the token, in words the LLM
-        already reads in its context and writes (its head shares the embedding's weights),
-        finding the object is enough."""
-        g = self.region_grid
-        # token (r, c) of the g x g grid has its centre at ((r + 1/2) / g, (c + 1/2) / g) of the side
-        region = [3 * ((6 * r + 3) // (2 * g)) + (6 * c + 3) // (2 * g) for r in range(g) for c in range(g)]
-        emb = self.llm.tok_emb.weight  # (V, D)
-        names = torch.stack([emb[word_ids[k]].sum(0) for k in region])  # (N', D)
-        self.projector.region_names.copy_(REGION_NAME_NORM * names / names.norm(dim=-1, keepdim=True))
+        return tokens if self.regions is None else self.regions(tokens)  # (M, N', D)
 
     def embed(self, input_ids, images=None):
         """Token embeddings (B, T, D) with image m's visual tokens written over the m-th block

@@ -120,9 +120,8 @@ class Config:
     resampler_queries: int = 16           # projector=resampler: learned queries = visual tokens per image
     shuffle_factor: int = 2               # projector=pixel_shuffle: s x s patches fold into one visual token
     vision_layer: int = -1                # which ViT block's hidden states feed the projector
-    region_names: bool = True             # each visual token gets a learned vector, started as the LLM's word
-                                          # embeddings of its 3x3 region's name ("top left"...): where it is, in
-                                          # words (model.VLM.name_regions); not for the resampler
+    region_names: bool = True             # instruct adds to each visual token a learned vector that starts as
+                                          # its 3x3 region's name in the LLM's words (model.RegionNames)
     # stage align (LLaVA stage 1)
     align_steps: int = 300
     align_batch_size: int = 32
@@ -215,8 +214,9 @@ STAGES = {
         model="vlm", trains={"projector": "align_lr"}, starts_from=("clip", "lm"), saves="", data="captions",
         loss="answers", steps="align_steps", batch_size="align_batch_size",
         metrics=functools.partial(evaluate.evaluate_vlm, "align"), held_out=None),
-    "instruct": Stage(  # LLaVA stage 2: projector + LLM; the ViT stays frozen unless --instruct_vision_lr > 0
-        model="vlm", trains={"llm": "instruct_lr", "projector": "instruct_projector_lr"},
+    "instruct": Stage(  # LLaVA stage 2: projector (+ region names) + LLM; the ViT stays frozen unless --instruct_vision_lr > 0
+        model="vlm", trains={"llm": "instruct_lr", "projector": "instruct_projector_lr",
+                             "regions": "instruct_projector_lr"},
         optional={"vision": "instruct_vision_lr"}, lora=True, starts_from=("align",), saves="",
         data="conversations", loss="answers", steps="instruct_steps", batch_size="instruct_batch_size",
         metrics=functools.partial(evaluate.evaluate_vlm, "instruct"), held_out=evaluate.held_out_vqa),
@@ -399,10 +399,20 @@ def build_model(stage, cfg, tok, device):
         else:
             checkpoint.load_weights(model.get_submodule(STAGES[earlier].saves),
                                     checkpoint.finished_checkpoint(cfg, earlier, tok)["model"], path)
-    if "projector" in STAGES[stage].trains and model.region_grid and not model.projector.region_names.any():
-        # a fresh projector (align's, or one from a clip.pt): its tokens start with their places' names
-        model.name_regions([tok.encode(" " + name) for name in shapes.REGIONS])
+    if "regions" in STAGES[stage].trains and model.regions is not None and not model.regions.weight.any():
+        name_regions(model, cfg, tok)
     return model.to(device)
+
+
+@torch.no_grad()
+def name_regions(model, cfg, tok):
+    """Instruct starts each visual token's RegionNames vector at its region's name, as long as
+    align has made the visual tokens on average (measured on a batch of the shapes world):
+    place and content then weigh the same. At half that length the LLM did not use it."""
+    images = batches.vlm_batch(cfg, tok, "instruct", 0, 0, model.num_image_tokens, 16)["images"]
+    model.eval()  # the frozen ViT's BatchNorm keeps its statistics
+    norm = model.encode_images(images).norm(dim=-1).mean()  # regions still zero: the projector's tokens
+    model.regions.name(model.llm.tok_emb.weight, [tok.encode(" " + name) for name in shapes.REGIONS], norm)
 
 
 def param_groups(stage, model, cfg, adapters=None):
@@ -410,6 +420,8 @@ def param_groups(stage, model, cfg, adapters=None):
     spec, groups = STAGES[stage], []
     lrs = {**spec.trains, **{part: f for part, f in spec.optional.items() if getattr(cfg, f) > 0}}
     for part, lr_field in lrs.items():
+        if part and getattr(model, part) is None:  # a part this config leaves out (regions)
+            continue
         params = adapters if part == "llm" and adapters else list(model.get_submodule(part).parameters())
         groups.append((params, getattr(cfg, lr_field)))
     return groups

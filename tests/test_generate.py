@@ -238,6 +238,6 @@ def test_a_checkpoint_from_before_the_stem_and_region_fields_rebuilds_as_it_was(
     save_checkpoint(str(tmp_path / "instruct.pt"), old)
     loaded, _, loaded_cfg = generate.load_vlm(str(tmp_path / "instruct.pt"))
     assert loaded_cfg.vit_stem == "patch" and isinstance(loaded.vision.patch_embed, PatchEmbed)
-    assert not loaded_cfg.region_names and loaded.region_grid == 0
+    assert not loaded_cfg.region_names and loaded.regions is None
     today = VLM(train.vlm_config(train.Config(), tok))
-    assert isinstance(today.vision.patch_embed, ConvStem) and today.region_grid == 3
+    assert isinstance(today.vision.patch_embed, ConvStem) and today.regions.grid == 3

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (REGION_NAME_NORM, KVCache, LanguageModel, LLMConfig, LoRALinear, RMSNorm, VLM, VLMConfig, add_lora,
+from model import (KVCache, LanguageModel, LLMConfig, LoRALinear, RegionNames, RMSNorm, VLM, VLMConfig, add_lora,
                    apply_rope, count_parameters, filter_logits, merge_lora, rope_cache, sample_next)
 from vit import ViTConfig
 
@@ -26,11 +26,6 @@ def tiny_llm(**kw):
 def tiny_vlm(projector="mlp", **llm_kw):
     vision = ViTConfig(image_size=16, patch_size=4, width=24, depth=2, heads=2)  # 4x4 = 16 patches
     return VLM(VLMConfig(vision=vision, llm=tiny_llm(**llm_kw), projector=projector, image_token_id=IMG))
-
-
-def named_vlm(projector="mlp", image_size=12):
-    vision = ViTConfig(image_size=image_size, patch_size=4, width=24, depth=2, heads=2)  # 12 px: 3x3 patches
-    return VLM(VLMConfig(vision=vision, llm=tiny_llm(), projector=projector, region_names=True, image_token_id=IMG))
 
 
 def test_config_validates_and_derives_head_dim():
@@ -282,38 +277,36 @@ def test_visual_tokens_land_on_image_slots(projector):
 
 def test_region_names_start_as_the_sum_of_their_words_and_are_added_to_every_image():
     torch.manual_seed(0)
-    vlm = named_vlm()
-    assert vlm.num_image_tokens == 9 and not vlm.projector.region_names.any()  # zeros until named
+    vision = ViTConfig(image_size=12, patch_size=4, width=24, depth=2, heads=2)  # 3x3 patches
+    vlm = VLM(VLMConfig(vision=vision, llm=tiny_llm(), region_names=True, image_token_id=IMG))
+    assert vlm.num_image_tokens == 9 and vlm.regions.grid == 3 and not vlm.regions.weight.any()
     words = [[5 + k] if k % 2 else [5 + k, 20 + k] for k in range(9)]  # one word or two per region
-    vlm.name_regions(words)
     emb = vlm.llm.tok_emb.weight.detach()
+    vlm.regions.name(emb, words, norm=7.0)
     for k, ids in enumerate(words):  # 3x3 visual tokens: token k is region k
         name = emb[ids].sum(0)
-        torch.testing.assert_close(vlm.projector.region_names[k], REGION_NAME_NORM * name / name.norm())
+        torch.testing.assert_close(vlm.regions.weight[k], 7.0 * name / name.norm())
     images = torch.randn(2, 3, 12, 12)
     patches = vlm.vision(images, keep_cls=False)
-    torch.testing.assert_close(vlm.encode_images(images), vlm.projector(patches) + vlm.projector.region_names)
-    # it is a projector weight: trained at the projector's learning rate, saved with it
-    assert "projector.region_names" in vlm.state_dict()
-    assert any(p is vlm.projector.region_names for p in vlm.projector.parameters())
+    torch.testing.assert_close(vlm.encode_images(images), vlm.projector(patches) + vlm.regions.weight)
 
 
 def test_a_finer_grid_of_visual_tokens_takes_the_names_of_the_regions_holding_their_centres():
-    vlm = named_vlm(image_size=16)  # 4x4 visual tokens over the 3x3 regions
-    vlm.name_regions([[5 + k] for k in range(9)])
-    emb = vlm.llm.tok_emb.weight.detach()
-    # centres at 1/8, 3/8, 5/8, 7/8 of the side fall in thirds 0, 1, 1, 2
-    third = (0, 1, 1, 2)
+    regions = RegionNames(grid=4, dim=8)  # 4x4 visual tokens over the 3x3 regions
+    emb = torch.randn(20, 8)
+    regions.name(emb, [[k] for k in range(9)], norm=1.0)
+    third = (0, 1, 1, 2)  # centres at 1/8, 3/8, 5/8, 7/8 of the side fall in thirds 0, 1, 1, 2
     for r in range(4):
         for c in range(4):
-            name = emb[5 + 3 * third[r] + third[c]]
-            torch.testing.assert_close(vlm.projector.region_names[4 * r + c], REGION_NAME_NORM * name / name.norm())
+            name = emb[3 * third[r] + third[c]]
+            torch.testing.assert_close(regions.weight[4 * r + c], name / name.norm())
 
 
 def test_the_resampler_has_no_region_names():
-    vlm = named_vlm("resampler")  # its learned queries have no place in the grid
-    assert vlm.region_grid == 0 and not hasattr(vlm.projector, "region_names")
-    assert "projector.region_names" not in vlm.state_dict()
+    vlm = tiny_vlm("resampler")  # its learned queries have no place in the grid
+    named = VLM(VLMConfig(vision=vlm.cfg.vision, llm=vlm.cfg.llm, projector="resampler", region_names=True,
+                          image_token_id=IMG))
+    assert named.regions is None and not any(k.startswith("regions") for k in named.state_dict())
 
 
 def test_kept_attention_weights_are_causal_hide_padding_and_leave_logits_alone():

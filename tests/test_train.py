@@ -30,7 +30,7 @@ import shapes
 import train
 from checkpoint import get_tokenizer, load_checkpoint, save_checkpoint
 from flags import ConfigError, parse_flags
-from model import REGION_NAME_NORM, VLM, per_answer_loss
+from model import VLM, per_answer_loss
 from tokenizer import Tokenizer, train_bpe
 from train import Config, PRESETS
 
@@ -183,7 +183,7 @@ def test_frozen_towers_get_no_gradient_and_do_not_change(tiny_run):
     seen = tiny_run.seen
     prefixes = lambda names: {n.split(".")[0] for n in names}
     assert prefixes(seen["align"]["trained"]) == {"projector"}
-    assert prefixes(seen["instruct"]["trained"]) == {"projector", "llm"}
+    assert prefixes(seen["instruct"]["trained"]) == {"projector", "regions", "llm"}
     assert prefixes(seen["lm"]["trained"]) == {"llm"}
     for stage in ("lm", "align", "instruct"):
         assert seen[stage]["frozen_grads"] and all(g is None for g in seen[stage]["frozen_grads"]), stage
@@ -201,17 +201,22 @@ def test_frozen_towers_get_no_gradient_and_do_not_change(tiny_run):
     assert proj and not all(torch.equal(ckpt["instruct"][k], ckpt["align"][k]) for k in proj)
 
 
-def test_align_names_the_regions_from_the_lm_words_and_instruct_keeps_what_align_learned(tiny_run):
+def test_instruct_names_the_regions_at_the_visual_tokens_length_and_trains_them(tiny_run):
     cfg = replace(tiny_run.cfg, out_dir=str(tiny_run.out))
+    align = load_checkpoint(str(tiny_run.out / "align.pt"))["model"]
+    assert not align["regions.weight"].any()  # align leaves them out: zeros add nothing
     tok = Tokenizer.from_state(load_checkpoint(str(tiny_run.out / "lm.pt"))["tokenizer"])
-    align = train.build_model("align", cfg, tok, "cpu")
-    emb = align.llm.tok_emb.weight.detach()  # lm.pt's embeddings
+    model = train.build_model("instruct", cfg, tok, "cpu")
+    # the visual tokens without their names: as long, on average, as each name now is
+    images = batches.vlm_batch(cfg, tok, "instruct", 0, 0, model.num_image_tokens, 16)["images"]
+    with torch.no_grad():
+        plain = model.projector(model.vision(images, keep_cls=False)).norm(dim=-1).mean()
+    emb = model.llm.tok_emb.weight.detach()  # align's, that is lm.pt's, embeddings
     for k, region in enumerate(shapes.REGIONS):  # 3x3 visual tokens: token k names region k
         name = emb[tok.encode(" " + region)].sum(0)
-        torch.testing.assert_close(align.projector.region_names[k], REGION_NAME_NORM * name / name.norm())
-    instruct = train.build_model("instruct", cfg, tok, "cpu")  # from align.pt: trained names, not renamed
-    saved = load_checkpoint(str(tiny_run.out / "align.pt"))["model"]["projector.region_names"]
-    assert torch.equal(instruct.projector.region_names, saved) and not torch.equal(saved, align.projector.region_names)
+        torch.testing.assert_close(model.regions.weight[k], plain * name / name.norm())
+    trained = load_checkpoint(str(tiny_run.out / "instruct.pt"))["model"]["regions.weight"]
+    assert not torch.equal(trained, model.regions.weight)  # and instruct trained them from there
 
 
 def test_checkpoints_rebuild_the_model_from_their_own_config(tiny_run):
