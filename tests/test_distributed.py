@@ -52,7 +52,7 @@ def toy_runs():
     clip_model = CLIP(train.clip_config(cfg, tok), eot_id=tok.eot_id)
     vlms = [VLM(train.vlm_config(cfg, tok)) for _ in range(2)]   # one per loss: DDP wraps each once
     for vlm in vlms:   # the lm stage's text-only batches: ViT and projector stay frozen (DDP waits for
-        for part in (vlm.vision, vlm.projector):   # a gradient of every parameter that requires one)
+        for part in (vlm.vision, vlm.projector, vlm.regions):   # a gradient of every parameter that requires one)
             part.requires_grad_(False)
     pairs = {"images": torch.randn(4, 3, cfg.image_size, cfg.image_size),   # (B, 3, S, S)
              "ids": clip_tokenize(tok, ["a red circle", "two blue squares", "a ring", "a green cross"], 32)}
