@@ -257,7 +257,7 @@ def test_lora_instruct_stage_changes_only_low_rank_parts_and_saves_a_plain_model
         assert delta.abs().max() > 0, key
         assert torch.linalg.matrix_rank(delta, rtol=1e-6).item() <= 4, key
     D, F_, L = tiny_run.cfg.llm_dim, tiny_run.cfg.llm_ffn_hidden, tiny_run.cfg.llm_layers
-    n_projector = sum(v.numel() for k, v in before.items() if k.startswith("projector."))
+    n_projector = sum(v.numel() for k, v in before.items() if k.startswith(("projector.", "regions.")))  # + region names
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     # attention q,k,v,o (no GQA in tiny: 3D and D wide) and SwiGLU's three: r·(in + out) each
     assert metrics["instruct_trainable_params"] == L * 4 * ((D + 3 * D) + 2 * D + 3 * (D + F_)) + n_projector
