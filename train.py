@@ -214,7 +214,7 @@ STAGES = {
         model="vlm", trains={"projector": "align_lr"}, starts_from=("clip", "lm"), saves="", data="captions",
         loss="answers", steps="align_steps", batch_size="align_batch_size",
         metrics=functools.partial(evaluate.evaluate_vlm, "align"), held_out=None),
-    "instruct": Stage(  # LLaVA stage 2: projector (+ region names) + LLM; the ViT stays frozen unless --instruct_vision_lr > 0
+    "instruct": Stage(  # LLaVA stage 2: projector + LLM; the ViT stays frozen unless --instruct_vision_lr > 0
         model="vlm", trains={"llm": "instruct_lr", "projector": "instruct_projector_lr",
                              "regions": "instruct_projector_lr"},
         optional={"vision": "instruct_vision_lr"}, lora=True, starts_from=("align",), saves="",
