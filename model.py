@@ -35,6 +35,7 @@ Shape legend:
 """
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -321,12 +322,15 @@ class VLM(nn.Module):
                                         cfg.shuffle_factor, cfg.resampler_queries)
         self.llm = LanguageModel(cfg.llm)
         self.num_image_tokens = self.projector.num_tokens()  # N': <|image|> slots per image
+        if os.environ.get("POS_WORDS"):
+            self.projector.pos = nn.Parameter(torch.zeros(self.num_image_tokens, cfg.llm.dim))
 
     def encode_images(self, images):
         """Visual tokens (M, N', D) for images (M, 3, H, W)."""
         # patch tokens only: LLaVA feeds the grid features, the CLS summary adds nothing spatial
         patches = self.vision(images, layer=self.cfg.vision_layer, keep_cls=False)  # (M, N, Dv)
-        return self.projector(patches)  # (M, N', D)
+        v = self.projector(patches)  # (M, N', D)
+        return v + self.projector.pos if hasattr(self.projector, "pos") else v
 
     def embed(self, input_ids, images=None):
         """Token embeddings (B, T, D) with image m's visual tokens written over the m-th block

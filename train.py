@@ -395,6 +395,24 @@ def build_model(stage, cfg, tok, device):
         else:
             checkpoint.load_weights(model.get_submodule(STAGES[earlier].saves),
                                     checkpoint.finished_checkpoint(cfg, earlier, tok)["model"], path)
+    if os.environ.get("POS_WORDS") and stage in ("align", "instruct") and not model.projector.pos.any():
+        import shapes
+        scale = float(os.environ["POS_WORDS"])
+        with torch.no_grad():
+            if os.environ.get("POS_MODE") == "lerp":
+                u = {w: model.llm.tok_emb.weight[tok.encode(" " + w)].sum(0) for w in ("top", "bottom", "left", "right")}
+                u = {w: e / e.norm() for w, e in u.items()}
+                g = int(round(model.num_image_tokens ** 0.5))
+                for r in range(g):
+                    for c in range(g):
+                        t, s_ = r / (g - 1), c / (g - 1)
+                        model.projector.pos[r * g + c] = (1 - t) * u["top"] + t * u["bottom"] + (1 - s_) * u["left"] + s_ * u["right"]
+                model.projector.pos *= scale / model.projector.pos.norm(dim=-1).mean()
+            else:
+              for i, name in enumerate(shapes.REGIONS):
+                e = model.llm.tok_emb.weight[tok.encode(" " + name)].sum(0)
+                model.projector.pos[i] = e / e.norm() * scale if scale > 0 else torch.randn_like(e) * (-scale / e.numel() ** 0.5)
+        print("POS_WORDS init", model.projector.pos.norm(dim=-1))
     return model.to(device)
 
 
