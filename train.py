@@ -409,9 +409,10 @@ def build_model(stage, cfg, tok, device):
                         model.projector.pos[r * g + c] = (1 - t) * u["top"] + t * u["bottom"] + (1 - s_) * u["left"] + s_ * u["right"]
                 model.projector.pos *= scale / model.projector.pos.norm(dim=-1).mean()
             else:
-              for i, name in enumerate(shapes.REGIONS):
-                e = model.llm.tok_emb.weight[tok.encode(" " + name)].sum(0)
-                model.projector.pos[i] = e / e.norm() * scale if scale > 0 else torch.randn_like(e) * (-scale / e.numel() ** 0.5)
+              names = torch.stack([model.llm.tok_emb.weight[tok.encode(" " + name)].sum(0) for name in shapes.REGIONS])
+              if os.environ.get("POS_CENTER"):
+                  names = names - names.mean(0)
+              model.projector.pos.copy_(names / names.norm(dim=-1, keepdim=True) * scale)
         print("POS_WORDS init", model.projector.pos.norm(dim=-1))
     return model.to(device)
 
