@@ -337,8 +337,9 @@ class RegionNames(nn.Module):
         embeddings (V, D) of that region's words, word_ids[region] (row-major: the ids of " top"
         and " left" first), rescaled to `norm`."""
         g = self.grid
-        # token (r, c) has its centre at ((r + 1/2) / g, (c + 1/2) / g) of the side: third floor(3 (r + 1/2) / g)
-        region = [3 * ((6 * r + 3) // (2 * g)) + (6 * c + 3) // (2 * g) for r in range(g) for c in range(g)]
+        # row (or column) i of g has its centre at (i + 1/2) / g of the side: in third floor(3 (i + 1/2) / g)
+        third = [3 * (2 * i + 1) // (2 * g) for i in range(g)]
+        region = [3 * third[r] + third[c] for r in range(g) for c in range(g)]  # (N',), row-major
         names = torch.stack([embeddings[word_ids[k]].sum(0) for k in region])  # (N', D)
         self.weight.copy_(norm * names / names.norm(dim=-1, keepdim=True))
 

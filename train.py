@@ -409,7 +409,7 @@ def name_regions(model, cfg, tok):
     """Instruct starts each visual token's RegionNames vector at its region's name, as long as
     align has made the visual tokens on average (measured on a batch of the shapes world):
     place and content then weigh the same. At half that length the LLM did not use it."""
-    images = batches.vlm_batch(cfg, tok, "instruct", 0, 0, model.num_image_tokens, 16)["images"]
+    images = batches.vlm_batch(cfg, tok, "instruct", 0, 0, model.num_image_tokens, 16)["images"]  # 16 scenes
     model.eval()  # the frozen ViT's BatchNorm keeps its statistics
     norm = model.encode_images(images).norm(dim=-1).mean()  # regions still zero: the projector's tokens
     model.regions.name(model.llm.tok_emb.weight, [tok.encode(" " + name) for name in shapes.REGIONS], norm)
