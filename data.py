@@ -324,4 +324,5 @@ def collate(samples, pad_id, side="right"):
     # Images in batch order: the k-th <|image|> block of the batch is the k-th image here.
     images = [s["images"] for s in samples if s.get("images") is not None]
     batch["images"] = torch.cat(images) if images else None                 # (n, 3, S, S)
+    batch["views"] = torch.tensor([0 if s.get("images") is None else len(s["images"]) for s in samples])  # (B,)
     return batch

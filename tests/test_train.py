@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import batches
+import data
 import evaluate
 import generate
 import shapes
@@ -486,6 +487,49 @@ def test_per_answer_loss_weighs_every_answer_once():
     # the token mean differs whenever answer lengths differ
     token_mean = sum(sum(-torch.log_softmax(logits[b, t], -1)[y] for b, t, y in a) for a in answers) / 6
     assert abs(token_mean.item() - expected.item()) > 1e-3
+
+
+def test_by_length_chunks_keep_every_sample_with_its_images_and_give_the_same_loss_and_gradient():
+    """train.by_length sorts a batch by length and cuts each chunk to its longest row: every
+    sample comes back once, with its own ids, labels and images (none, one or two here), and
+    the chunks' loss, each chunk's mean weighted by its targets, is the whole batch's loss to
+    float precision, with the same gradient; the chunks hold fewer tokens."""
+    torch.manual_seed(0)
+    cfg = replace(Config(), **PRESETS["tiny"])
+    tok = Tokenizer({bytes([b]): b for b in range(256)})
+    model = VLM(train.vlm_config(cfg, tok)).eval()  # the ViT's BatchNorm at its statistics, as when frozen
+    n = model.num_image_tokens
+    world = batches.world_config(cfg)
+    scenes = [shapes.make_scene("train", i, world) for i in range(6)]
+    samples = [batches.fit_turns(tok, scenes[i:i + k], [("Which colours?" + "?" * 7 * i, "red" * (i + 1))], n, cfg)
+               for i, k in enumerate((1, 0, 2, 1, 0, 1))]
+    batch = data.collate(samples, tok.pad_id)
+    chunks = train.by_length(batch, 3)
+    assert len(chunks) == 3 and sum(c["input_ids"].size(0) for c in chunks) == len(samples)
+    seen = []
+    for c in chunks:
+        assert c["attention_mask"][:, -1].any()  # cut to its longest row
+        first = 0
+        for row in range(c["input_ids"].size(0)):
+            ids = c["input_ids"][row][c["attention_mask"][row].bool()].tolist()
+            i = next(i for i, s in enumerate(samples) if s["input_ids"] == ids)
+            views = samples[i]["images"]
+            assert int(c["views"][row]) == (0 if views is None else len(views))
+            if views is not None:
+                assert torch.equal(c["images"][first:first + len(views)], views)
+                first += len(views)
+            seen.append(i)
+    assert sorted(seen) == list(range(len(samples)))
+    assert sum(c["input_ids"].numel() for c in chunks) < batch["input_ids"].numel()
+    grads = []
+    for k in (1, 3):
+        model.zero_grad()
+        loss = train.token_loss(model, batch, chunks=k)
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
+    assert len(grads[0][1]) == len(grads[1][1])
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
 
 
 # ----------------------------------------------------------------------------- fp16, every preset
