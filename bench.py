@@ -51,6 +51,7 @@ Tests: python -m pytest -q tests/test_bench.py
 """
 
 import contextlib
+import functools
 import io
 import json
 import math
@@ -362,6 +363,25 @@ def stage_workload(stage, cfg, tok, real, device):
     return Workload(stage, model, trained, batch, vlm_loss, vlm_towers(model, T, trained, with_images), B, T)
 
 
+def measure_padding(stage, cfg, tok, real, device, dtype, bench):
+    """A VLM stage's real batch as train.py runs it: the share of its tokens that are pads,
+    whole and in train.by_length's cfg.length_chunks chunks, and the seconds of a training
+    step on it each way (the same loss: only the pads' compute differs)."""
+    lengths = real["attention_mask"].sum(1)
+    chunks = train.by_length(real, cfg.length_chunks)
+    out = {f"pad_share_{stage}": 1 - lengths.sum().item() / real["input_ids"].numel(),
+           f"pad_share_chunked_{stage}": 1 - lengths.sum().item() / sum(c["input_ids"].numel() for c in chunks)}
+    model = VLM(train.vlm_config(cfg, tok)).to(device)
+    trained = {"lm": [model.llm], "align": [model.projector], "instruct": [model.projector, model.llm]}[stage]
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in real.items()}
+    for name, k in (("whole", 1), ("chunked", cfg.length_chunks)):
+        w = Workload(stage, model, trained, batch, functools.partial(train.token_loss, chunks=k), [], 0, 0)
+        out[f"train_step_seconds_{name}_{stage}"] = statistics.median(
+            step_seconds(w, cfg, device, dtype, bench.warmup + bench.steps)[bench.warmup:])
+    out[f"chunk_speedup_{stage}"] = out[f"train_step_seconds_whole_{stage}"] / out[f"train_step_seconds_chunked_{stage}"]
+    return out
+
+
 def time_data(stage, cfg, tok, n_batches, image_tokens):
     """Build n real batches of a stage (scenes rendered, text tokenised, collated), as
     train.py does before every step. Returns (median seconds per batch, the first batch)."""
@@ -462,6 +482,8 @@ def run(bench, ref=None, gen_lengths=GEN_LENGTHS):
                                         bench, peak, vendor))
         # train.py builds each batch in the loop, before the step: this share of its time is data
         results[f"data_share_{stage}"] = seconds / (seconds + results[f"train_step_seconds_{stage}"])
+        if stage != "clip":  # CLIP's captions are padded to a fixed length: nothing to trim
+            results.update(measure_padding(stage, cfg, tok, real, device, dtype, bench))
     autocast = torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
     results.update(measure_generation(ref, gen_lengths, device, autocast))
     per_model = [v for k, v in results.items() if k.startswith("peak_memory_bytes_")]
@@ -548,6 +570,13 @@ def format_report(r, gen_lengths=GEN_LENGTHS):
     for n in gen_lengths:
         lines.append(f"{n:<10}{r[f'generate_tokens_per_s_cache_{n}']:12.1f}"
                      f"{r[f'generate_tokens_per_s_nocache_{n}']:15.1f}{r[f'kv_cache_speedup_{n}']:8.1f}x")
+    lines += ["", f"{'real batch':<10}{'pad%':>6}{'chunked pad%':>13}{'step s':>8}{'chunked s':>10}{'speedup':>9}"
+              "  (train.by_length: --length_chunks sorted chunks)"]
+    for n in list(train.STAGES)[1:]:
+        lines.append(f"{n:<10}{100 * r[f'pad_share_{n}']:6.1f}{100 * r[f'pad_share_chunked_{n}']:13.1f}"
+                     f"{r[f'train_step_seconds_whole_{n}']:8.3f}{r[f'train_step_seconds_chunked_{n}']:10.3f}"
+                     f"{r[f'chunk_speedup_{n}']:8.2f}x")
+    lines.append("")
     lines.append(f"same tokens with and without the cache: {r['kv_cache_identical_tokens']} "
                  f"({r['generate_distinct_tokens']} distinct tokens in the longest run); the target: "
                  f"the cache >= 5x faster at 256 new tokens")

@@ -70,6 +70,8 @@ def test_tiny_run_reports_every_key_consistently(tmp_path):
                 "kv_cache_speedup_3", "kv_cache_speedup_6"]
     required += [f"{key}_{stage}" for stage in ("clip", "lm", "align", "instruct")
                  for key in ("train_mfu", "train_tokens_per_s", "data_scenes_per_s", "data_share")]
+    required += [f"{key}_{stage}" for stage in ("lm", "align", "instruct")
+                 for key in ("pad_share", "pad_share_chunked", "chunk_speedup")]
     assert not [k for k in required if k not in r]
     json.dumps(r)  # the JSON has plain values only
     assert r["kv_cache_identical_tokens"] is True and r["generate_distinct_tokens"] > 1
@@ -86,6 +88,10 @@ def test_tiny_run_reports_every_key_consistently(tmp_path):
     assert r["train_tokens_per_sample_reference"] == 12
     assert r["train_flop_multipliers_align"] == "visionx2 projectorx6 llmx4"
     assert "reference" in bench.format_report(r, (3, 6))
+    for stage in ("lm", "align", "instruct"):  # sorted chunks never pad more than the whole batch
+        assert 0 <= r[f"pad_share_chunked_{stage}"] <= r[f"pad_share_{stage}"] < 1
+        assert math.isclose(r[f"chunk_speedup_{stage}"], r[f"train_step_seconds_whole_{stage}"]
+                            / r[f"train_step_seconds_chunked_{stage}"])
 
 
 def test_flops_only_counts_every_stage_without_timing_a_model():
