@@ -93,6 +93,7 @@ class BenchConfig:
     matmul_size: int = 0   # side of the peak-measuring matmuls; 0: 2048 on CPU, 8192 on GPU
     flops_only: bool = False    # count FLOPs and time the data only, no model timing
     assume_flops: float = 0.0   # with flops_only: model FLOP/s to turn FLOPs into seconds (0: none)
+    length_chunks: int = 4      # real batches are also timed in this many train.by_length chunks
 
 
 @dataclass
@@ -364,17 +365,17 @@ def stage_workload(stage, cfg, tok, real, device):
 
 
 def measure_padding(stage, cfg, tok, real, device, dtype, bench):
-    """A VLM stage's real batch as train.py runs it: the share of its tokens that are pads,
-    whole and in train.by_length's cfg.length_chunks chunks, and the seconds of a training
-    step on it each way (the same loss: only the pads' compute differs)."""
+    """A VLM stage's real batch: the share of its tokens that are pads, whole and in
+    train.by_length's bench.length_chunks chunks (--length_chunks of train.py), and the seconds
+    of a training step on it each way (the same loss: only the pads' compute differs)."""
     lengths = real["attention_mask"].sum(1)
-    chunks = train.by_length(real, cfg.length_chunks)
+    chunks = train.by_length(real, bench.length_chunks)
     out = {f"pad_share_{stage}": 1 - lengths.sum().item() / real["input_ids"].numel(),
            f"pad_share_chunked_{stage}": 1 - lengths.sum().item() / sum(c["input_ids"].numel() for c in chunks)}
     model = VLM(train.vlm_config(cfg, tok)).to(device)
     trained = {"lm": [model.llm], "align": [model.projector], "instruct": [model.projector, model.llm]}[stage]
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in real.items()}
-    for name, k in (("whole", 1), ("chunked", cfg.length_chunks)):
+    for name, k in (("whole", 1), ("chunked", bench.length_chunks)):
         w = Workload(stage, model, trained, batch, functools.partial(train.token_loss, chunks=k), [], 0, 0)
         out[f"train_step_seconds_{name}_{stage}"] = statistics.median(
             step_seconds(w, cfg, device, dtype, bench.warmup + bench.steps)[bench.warmup:])
@@ -467,7 +468,8 @@ def run(bench, ref=None, gen_lengths=GEN_LENGTHS):
     size = bench.matmul_size or (2048 if device == "cpu" else 8192)
     peak, vendor = matmul_peak(device, dtype, size), vendor_peak(device)
     results = {"config": bench.config, "device": device, "dtype": str(dtype).replace("torch.", ""),
-               "threads": torch.get_num_threads(), "matmul_size": size, "matmul_peak_flops": peak}
+               "threads": torch.get_num_threads(), "matmul_size": size, "matmul_peak_flops": peak,
+               "length_chunks": bench.length_chunks}
     if vendor:
         results["vendor_peak_flops"] = vendor
     # the reference trains with train.py's default optimiser settings, whatever the preset
@@ -571,7 +573,7 @@ def format_report(r, gen_lengths=GEN_LENGTHS):
         lines.append(f"{n:<10}{r[f'generate_tokens_per_s_cache_{n}']:12.1f}"
                      f"{r[f'generate_tokens_per_s_nocache_{n}']:15.1f}{r[f'kv_cache_speedup_{n}']:8.1f}x")
     lines += ["", f"{'real batch':<10}{'pad%':>6}{'chunked pad%':>13}{'step s':>8}{'chunked s':>10}{'speedup':>9}"
-              "  (train.by_length: --length_chunks sorted chunks)"]
+              f"  (train.by_length: {r['length_chunks']} sorted chunks)"]
     for n in list(train.STAGES)[1:]:
         lines.append(f"{n:<10}{100 * r[f'pad_share_{n}']:6.1f}{100 * r[f'pad_share_chunked_{n}']:13.1f}"
                      f"{r[f'train_step_seconds_whole_{n}']:8.3f}{r[f'train_step_seconds_chunked_{n}']:10.3f}"
