@@ -168,6 +168,19 @@ def lm_turns(scene, rng, cfg):
     return turns
 
 
+def scene_cells(tok, scene, width=12):
+    """(1, 9, width) word ids of each 3x3 cell: its region's words, then its object's size, colour, shape; -1 pads."""
+    cells = torch.full((1, 9, width), -1, dtype=torch.long)
+    for k in range(9):
+        words = " " + shapes.REGIONS[k]
+        for o in scene.objects:
+            if o.region == k:
+                words += f" {o.size} {o.colour} {o.shape}"
+        ids = tok.encode(words)[:width]
+        cells[0, k, :len(ids)] = torch.tensor(ids)
+    return cells
+
+
 def vlm_batch(cfg, tok, stage, step, micro, image_tokens, batch_size, split="train", share=None):
     """lm: text only (conversations without the image); align: image -> caption;
     instruct: multi-turn visual conversations, two_image_share of them about two images.
@@ -176,9 +189,17 @@ def vlm_batch(cfg, tok, stage, step, micro, image_tokens, batch_size, split="tra
     for i in range(batch_size) if share is None else share:
         index, rng = scene_rng(cfg, stage, step, micro, i)
         scene = shapes.make_scene(split, index, world)
-        if stage == "lm":
+        if stage == "lm" and __import__("os").environ.get("SCENE_TOKENS"):
+            turns = instruct_turns(scene, rng, cfg.instruct_turns) + [("Describe the image.", shapes.caption(scene, rng))]
+            ids, labels, _ = fit_messages(tok, chat_messages(turns, 1), [image_tokens], cfg.max_seq_len)
+            sample = {"input_ids": ids, "labels": labels, "images": scene_cells(tok, scene)}
+            if not __import__("os").environ.get("LM_ANSWERS"):
+                sample["labels"] = list(sample["input_ids"])
+            samples.append(sample)
+        elif stage == "lm":
             sample = fit_turns(tok, [], lm_turns(scene, rng, cfg), image_tokens, cfg)
-            sample["labels"] = list(sample["input_ids"])  # language modelling: every token is a target
+            if not __import__("os").environ.get("LM_ANSWERS"):
+                sample["labels"] = list(sample["input_ids"])  # language modelling: every token is a target
             samples.append(sample)
         elif stage == "align":
             turns = [(rng.choice(CAPTION_PROMPTS), shapes.caption(scene, rng))]

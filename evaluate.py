@@ -344,7 +344,7 @@ def lm_validation(model, tok, cfg, device, batch=None):
     the batch given: your held-out rows' text)."""
     if batch is None:
         batch = vlm_batch(cfg, tok, "lm", 0, 0, model.num_image_tokens, 64, split="val")
-    _, loss = model(batch["input_ids"].to(device), None, batch["attention_mask"].to(device),
+    _, loss = model(batch["input_ids"].to(device), batch["images"] if batch.get("images") is not None and batch["images"].dtype == torch.long else None, batch["attention_mask"].to(device),
                     batch["labels"].to(device))
     return {"lm_val_loss": loss.item(), "lm_val_ppl": math.exp(loss.item())}
 

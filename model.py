@@ -341,7 +341,7 @@ class RegionNames(nn.Module):
         third = [3 * (2 * i + 1) // (2 * g) for i in range(g)]
         region = [3 * third[r] + third[c] for r in range(g) for c in range(g)]  # (N',), row-major
         names = torch.stack([embeddings[word_ids[k]].sum(0) for k in region])  # (N', D)
-        self.weight.copy_(norm * names / names.norm(dim=-1, keepdim=True))
+        self.weight.copy_(names if norm is None else norm * names / names.norm(dim=-1, keepdim=True))
 
 
 class VLM(nn.Module):
@@ -380,7 +380,10 @@ class VLM(nn.Module):
                 f"visual tokens = {n_images * self.num_image_tokens}")
         if n_images == 0:
             return embeds
-        visual = self.encode_images(images)  # (M, N', D)
+        if images.dtype == torch.long:  # SCENE_TOKENS: cells of word ids -> sum of their embeddings
+            visual = (self.llm.tok_emb(images.clamp(min=0)) * (images >= 0).unsqueeze(-1)).sum(2)
+        else:
+            visual = self.encode_images(images)  # (M, N', D)
         # boolean-mask assignment fills the True slots in row-major order, one visual row each
         embeds[slots] = visual.reshape(-1, visual.size(-1)).to(embeds.dtype)  # (B, T, D)
         return embeds

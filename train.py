@@ -399,7 +399,9 @@ def build_model(stage, cfg, tok, device):
         else:
             checkpoint.load_weights(model.get_submodule(STAGES[earlier].saves),
                                     checkpoint.finished_checkpoint(cfg, earlier, tok)["model"], path)
-    if "regions" in STAGES[stage].trains and model.regions is not None and not model.regions.weight.any():
+    if __import__("os").environ.get("SCENE_TOKENS") and stage == "align" and model.regions is not None:
+        model.regions.name(model.llm.tok_emb.weight, [tok.encode(" " + name) for name in shapes.REGIONS], None)
+    elif "regions" in STAGES[stage].trains and model.regions is not None and not model.regions.weight.any():
         name_regions(model, cfg, tok)
     return model.to(device)
 
