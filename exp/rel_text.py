@@ -1,11 +1,11 @@
-# text-only: can a small LLM learn relation from a scene described in words?  usage: rel_text.py LAYERS STEPS [types]
+# text-only: can a small LLM learn relation from a scene described in words?  usage: rel_text.py LAYERS STEPS [types]  (TOKENIZER=out/tokenizer.json)
 import sys, random, torch, torch.nn.functional as F
 import shapes, data, checkpoint, batches, train
 from model import LanguageModel, LLMConfig
 from tokenizer import Tokenizer
 torch.manual_seed(0); torch.set_num_threads(1)
 layers, steps = int(sys.argv[1]), int(sys.argv[2]); types = sys.argv[3].split(",") if len(sys.argv) > 3 else ["relation"]
-tok = Tokenizer.load("/work/runs/D5/tokenizer.json")
+tok = Tokenizer.load(__import__("os").environ.get("TOKENIZER", "out/tokenizer.json"))  # the run's tokenizer
 cfg = train.Config(); world = batches.world_config(cfg)
 llm = LanguageModel(LLMConfig(vocab_size=tok.vocab_size, dim=192, n_layers=layers, n_heads=4, n_kv_heads=4, ffn_hidden=512, max_seq_len=256))
 opt = torch.optim.AdamW(llm.parameters(), lr=2e-3, weight_decay=0.1)
