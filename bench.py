@@ -342,6 +342,11 @@ def reference_workload(ref, device):
                     ref.batch_size, ref.seq_len)
 
 
+def trained_parts(model, stage):
+    """The modules a VLM stage trains (train.STAGES), input to output."""
+    return {"lm": [model.llm], "align": [model.projector], "instruct": [model.projector, model.llm]}[stage]
+
+
 def stage_workload(stage, cfg, tok, real, device):
     """Stage `stage`'s model as train.py builds it (fresh weights: speed does not depend on
     them), on a synthetic batch of the same shape as the real batch `real`."""
@@ -359,8 +364,7 @@ def stage_workload(stage, cfg, tok, real, device):
     T, with_images = real["input_ids"].size(1), stage != "lm"
     batch = synthetic_vlm_batch(B, T, model.num_image_tokens, n_text_ids, tok.image_id, cfg.image_size,
                                 device, with_images)
-    # what each stage trains (train.STAGES), input to output
-    trained = {"lm": [model.llm], "align": [model.projector], "instruct": [model.projector, model.llm]}[stage]
+    trained = trained_parts(model, stage)
     return Workload(stage, model, trained, batch, vlm_loss, vlm_towers(model, T, trained, with_images), B, T)
 
 
@@ -373,7 +377,7 @@ def measure_padding(stage, cfg, tok, real, device, dtype, bench):
     out = {f"pad_share_{stage}": 1 - lengths.sum().item() / real["input_ids"].numel(),
            f"pad_share_chunked_{stage}": 1 - lengths.sum().item() / sum(c["input_ids"].numel() for c in chunks)}
     model = VLM(train.vlm_config(cfg, tok)).to(device)
-    trained = {"lm": [model.llm], "align": [model.projector], "instruct": [model.projector, model.llm]}[stage]
+    trained = trained_parts(model, stage)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in real.items()}
     for name, k in (("whole", 1), ("chunked", bench.length_chunks)):
         w = Workload(stage, model, trained, batch, functools.partial(train.token_loss, chunks=k), [], 0, 0)
@@ -572,16 +576,15 @@ def format_report(r, gen_lengths=GEN_LENGTHS):
     for n in gen_lengths:
         lines.append(f"{n:<10}{r[f'generate_tokens_per_s_cache_{n}']:12.1f}"
                      f"{r[f'generate_tokens_per_s_nocache_{n}']:15.1f}{r[f'kv_cache_speedup_{n}']:8.1f}x")
+    lines.append(f"same tokens with and without the cache: {r['kv_cache_identical_tokens']} "
+                 f"({r['generate_distinct_tokens']} distinct tokens in the longest run); the target: "
+                 f"the cache >= 5x faster at 256 new tokens")
     lines += ["", f"{'real batch':<10}{'pad%':>6}{'chunked pad%':>13}{'step s':>8}{'chunked s':>10}{'speedup':>9}"
               f"  (train.by_length: {r['length_chunks']} sorted chunks)"]
     for n in list(train.STAGES)[1:]:
         lines.append(f"{n:<10}{100 * r[f'pad_share_{n}']:6.1f}{100 * r[f'pad_share_chunked_{n}']:13.1f}"
                      f"{r[f'train_step_seconds_whole_{n}']:8.3f}{r[f'train_step_seconds_chunked_{n}']:10.3f}"
                      f"{r[f'chunk_speedup_{n}']:8.2f}x")
-    lines.append("")
-    lines.append(f"same tokens with and without the cache: {r['kv_cache_identical_tokens']} "
-                 f"({r['generate_distinct_tokens']} distinct tokens in the longest run); the target: "
-                 f"the cache >= 5x faster at 256 new tokens")
     return "\n".join(lines)
 
 

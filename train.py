@@ -287,7 +287,8 @@ def by_length(batch, n_chunks):
 
 
 def count_targets(labels):
-    return (labels[:, 1:] != data.IGNORE_INDEX).sum()  # position t predicts label t+1
+    """Labelled targets of a batch (a tensor): position t predicts label t+1."""
+    return (labels[:, 1:] != data.IGNORE_INDEX).sum()
 
 
 def token_loss(model, batch, chunks=1):
@@ -296,13 +297,12 @@ def token_loss(model, batch, chunks=1):
     takes its fast causal path (pads carry no label). chunks > 1 runs the batch as by_length's
     chunks: each chunk's mean weighted by its share of the targets is the batch's mean."""
     n_targets = count_targets(batch["labels"])
-    # a chunk without targets has no mean (0/0); a batch without any runs whole, and its NaN stops the run
-    parts = [p for p in by_length(batch, chunks) if count_targets(p["labels"]) > 0] if chunks > 1 else []
-    if parts:
-        loss = sum(model(p["input_ids"], p["images"], labels=p["labels"])[1] * count_targets(p["labels"])
-                   for p in parts) / n_targets
-    else:
+    if chunks == 1 or n_targets == 0:  # a batch without targets runs whole: its NaN loss stops the run
         loss = model(batch["input_ids"], batch["images"], labels=batch["labels"])[1]
+    else:  # a chunk without targets has no mean (0/0) and adds nothing
+        counted = [(part, count_targets(part["labels"])) for part in by_length(batch, chunks)]
+        loss = sum(model(part["input_ids"], part["images"], labels=part["labels"])[1] * n
+                   for part, n in counted if n > 0) / n_targets
     return distributed.share_of_mean(loss, n_targets)
 
 
