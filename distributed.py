@@ -167,3 +167,13 @@ def check_replicas(model, name):
     if differ:
         raise RuntimeError(f"{name}: the weights of ranks {differ} differ from rank 0's after training")
     print(f"{name}: weights identical on all {len(everyone)} ranks")
+
+
+def finish():
+    """Leave the process group together: wait at a barrier until every rank is done (rank 0
+    evaluates and writes files while the others are already through), then tear it down.
+    Without the barrier a rank that finished first closes its gloo connections while a peer
+    still holds them open, and the process can abort at exit."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

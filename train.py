@@ -586,8 +586,7 @@ def main(argv):
     if cfg.stage == "all":
         metrics = checkpoint.update_metrics(cfg.out_dir, {"total_seconds": time.time() - t0})
     evaluate.print_table(metrics)
-    if distributed.world_size() > 1:
-        torch.distributed.destroy_process_group()
+    distributed.finish()
 
 
 if __name__ == "__main__":
