@@ -169,7 +169,7 @@ def answer_batch(model, tok, images, conversations, image_size, device, max_new_
     return [tok.decode(ids).strip() for ids in out]
 
 
-def answer_all(model, tok, items, cfg, device, max_new_tokens=24):
+def answer_all(model, tok, items, cfg, device, max_new_tokens=32):
     """items: list of (scenes, question), scenes a scene or a list of them (several images);
     answers in the same order, in batches."""
     answers = []
@@ -232,7 +232,8 @@ def evaluate_vqa(model, tok, cfg, device, blind=False):
             box = shapes.text_to_box(p, cfg.image_size)
             right[t] += box is not None and iou(box, shapes.text_to_box(a, cfg.image_size)) >= 0.5
         else:
-            right[t] += normalize_answer(p) == normalize_answer(a)
+            right[t] += normalize_answer(p).split()[-1:] == normalize_answer(a).split()[-1:] if t == "relation" \
+                else normalize_answer(p) == normalize_answer(a)
     counts = Counter(t for _, t, _, _ in test_set)
     for t in counts:
         key = "grounding_acc" if t == "grounding" else f"vqa_acc_{t}"

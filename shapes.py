@@ -434,7 +434,10 @@ def _ask_relation(scene, rng):
         else:
             templates, answer = ("Is {} above or below {}?", "Is {} located above or below {}?"), \
                 "above" if row_a < row_b else "below"
-        return rng.choice(templates).format(ref_a, ref_b), answer
+        # the answer first says where each object is, then compares: two position lookups
+        # the model already makes, and a comparison of two region words it has just written
+        steps = f"{ref_a} is {REGIONS[a.region]}, {ref_b} is {REGIONS[b.region]}, so {answer}"
+        return rng.choice(templates).format(ref_a, ref_b), steps
     return None
 
 
