@@ -8,9 +8,14 @@ bench.py read them:
 or bare --key (a boolean set to true) overrides one field, in any order; a hyphen in a key
 reads as an underscore. Each value is parsed by the type of its dataclass field; an unknown
 key, a value of the wrong type or a stray word is a ConfigError: one line, never a traceback.
+--help (or -h) prints every flag, with its default and comment, and the presets.
 
 Run the tests:  python -m pytest -q tests/test_flags.py
 """
+import inspect
+import os
+import sys
+import textwrap
 from dataclasses import fields
 
 
@@ -32,12 +37,17 @@ def split_flags(argv, types):
     pairs, i = [], 0
     while i < len(argv):
         arg = argv[i]
+        if arg in ("-h", "--help"):
+            pairs.append(("help", "true"))
+            i += 1
+            continue
         if not arg.startswith("--") or len(arg) == 2:
             raise ConfigError(f"unexpected argument {arg!r}; flags look like --key=value")
         key, eq, value = arg[2:].partition("=")
         key = key.replace("-", "_")
         if key != "config" and key not in types:
-            raise ConfigError(f"unknown flag --{key}; valid: --config, " + ", ".join(f"--{k}" for k in types))
+            raise ConfigError(f"unknown flag --{key} (--help lists them); valid: --config, "
+                              + ", ".join(f"--{k}" for k in types))
         if not eq:  # --key value, or a bare boolean --key
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             if types.get(key) is bool and (nxt is None or nxt.startswith("--")):
@@ -56,6 +66,9 @@ def parse_flags(cls, argv, presets):
     then every other flag overrides one field, whatever their order."""
     types = {f.name: f.type for f in fields(cls)}
     pairs = split_flags(argv, types)
+    if ("help", "true") in pairs:
+        print(usage(cls, presets))
+        raise SystemExit(0)
     preset = dict(pairs).get("config", next(iter(presets)))
     if preset not in presets:
         raise ConfigError(f"unknown --config={preset}; presets: {', '.join(presets)}")
@@ -69,6 +82,17 @@ def parse_flags(cls, argv, presets):
         except ValueError:
             raise ConfigError(f"--{key} expects {typ.__name__}, got {value!r}") from None
     return cls(**values)
+
+
+def usage(cls, presets):
+    """What --help prints: the presets (the first is the default), then the config dataclass's
+    own source, where every flag stands with its type, default and comment."""
+    lines = [f"usage: python {os.path.basename(sys.argv[0])} [--config=PRESET] [--key=value ...]", "presets:"]
+    for name, values in presets.items():
+        changes = ", ".join(f"{k}={v}" for k, v in values.items()) or "the defaults below"
+        lines.append(f"  --config={name}: {changes}")
+    lines.append(f"flags: every field of {cls.__name__}")
+    return "\n".join(lines) + "\n" + textwrap.dedent(inspect.getsource(cls))
 
 
 def tile_grids(cfg):

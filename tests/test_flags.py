@@ -3,7 +3,7 @@
 Run: python -m pytest -q tests/test_flags.py"""
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import pytest
@@ -60,7 +60,7 @@ def test_presets_then_overrides_in_any_order():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--m=3"], r"unknown flag --m; valid: --config, --flag, --n, --x, --name"),
+    (["--m=3"], r"unknown flag --m \(--help lists them\); valid: --config, --flag, --n, --x, --name"),
     (["--n=abc"], r"--n expects int, got 'abc'"),
     (["--n=1.5"], r"--n expects int"),
     (["--x=fast"], r"--x expects float"),
@@ -94,7 +94,7 @@ def test_real_config_presets_and_overrides():
 
 
 def test_bare_unknown_flag_lists_the_valid_keys():
-    with pytest.raises(ConfigError, match=r"unknown flag --bogus; valid: --config, --flag"):
+    with pytest.raises(ConfigError, match=r"unknown flag --bogus \(--help lists them\); valid: --config, --flag"):
         toy("--bogus")
 
 
@@ -109,6 +109,23 @@ def test_bogus_flag_on_the_command_line_is_one_line_and_exit_code_2():
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "--bogus" in lines[0], r.stderr
     assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_help_prints_every_flag_with_its_default_and_the_presets(capsys):
+    """--help (or -h, anywhere on the line) prints the presets and the dataclass's source, then
+    exits with 0 without building a config."""
+    for argv in (["--help"], ["--n=3", "-h"]):
+        with pytest.raises(SystemExit) as e:
+            toy(*argv)
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert "--config=base: the defaults below" in out and "--config=big: n=100, name=big" in out
+        assert "    n: int = 1" in out and 'name: str = "a"' in out
+    r = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr == ""
+    for f in fields(Config):   # every flag, with its default, in the source's own words
+        assert f"    {f.name}: " in r.stdout, f.name
+    assert "clip_steps: int = " in r.stdout and "# " in r.stdout and "--config=tiny: " in r.stdout
 
 
 def test_tile_grids_parse_and_refuse():
